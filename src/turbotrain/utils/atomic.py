@@ -1,0 +1,76 @@
+"""Atomic file output: write to a temporary sibling, fsync, then rename over the target.
+
+A killed job therefore leaves either the previous file or no file, never a half-written one that
+looks complete. Temporary files carry a ``.partial`` marker so cleanup and users can tell them apart.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+import yaml
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success rename it to ``target``.
+
+    On any exception the temporary file is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """``open()`` whose result only appears at ``target`` once the block finished without error."""
+    with atomic_path(target) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
+
+
+def write_text(target: str | os.PathLike, text: str) -> None:
+    with atomic_open(target, "w") as fh:
+        fh.write(text)
+
+
+def write_json(target: str | os.PathLike, obj: Any) -> None:
+    with atomic_open(target, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
+        fh.write("\n")
+
+
+def write_yaml(target: str | os.PathLike, obj: Any) -> None:
+    with atomic_open(target, "w") as fh:
+        yaml.safe_dump(obj, fh, sort_keys=False)
+
+
+def write_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Uncompressed npz (no pickle), written atomically."""
+    with atomic_open(target, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
