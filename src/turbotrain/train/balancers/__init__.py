@@ -1,0 +1,61 @@
+"""Multi-task balancers: pick one by name with :func:`build_balancer`.
+
+Every balancer is an ``nn.Module`` with ``backward(losses, shared_params, task_params, step)``
+(fills ``.grad``, accumulating), ``end_epoch(epoch_losses)`` and ``update(losses_after)``; see
+:class:`~turbotrain.train.balancers.base.Balancer`.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from turbotrain.models.registry import Registry
+from turbotrain.utils.errors import ConfigError
+
+from .base import Balancer, GradientCombinationBalancer, LossWeightingBalancer
+from .famo import FAMOBalancer
+from .surgery import CAGradBalancer, PCGradBalancer
+from .turbotrain import TurboTrainBalancer
+from .weighting import DWABalancer, FixedBalancer, SumBalancer, UncertaintyBalancer
+
+BALANCERS = Registry("balancer")
+for _name, _cls in {
+    "sum": SumBalancer,
+    "fixed": FixedBalancer,
+    "uncertainty": UncertaintyBalancer,
+    "dwa": DWABalancer,
+    "pcgrad": PCGradBalancer,
+    "cagrad": CAGradBalancer,
+    "famo": FAMOBalancer,
+    "turbotrain": TurboTrainBalancer,
+}.items():
+    BALANCERS.register(_name)(_cls)
+
+
+def build_balancer(name: str, task_names: Sequence[str], **options: Any) -> Balancer:
+    """Balancer ``name`` for ``task_names``; ``options`` are the method's keyword arguments
+    (e.g. ``weights`` for fixed, ``c`` for cagrad, ``seed`` for pcgrad, ``diagnostics`` for all)."""
+    cls = BALANCERS.get(name)
+    try:
+        inspect.signature(cls).bind(list(task_names), **options)
+    except TypeError as err:  # report bad config keys before training starts, naming the method
+        raise ConfigError(f"balancer '{name}': {err}") from err
+    return cls(list(task_names), **options)
+
+
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "CAGradBalancer",
+    "DWABalancer",
+    "FAMOBalancer",
+    "FixedBalancer",
+    "GradientCombinationBalancer",
+    "LossWeightingBalancer",
+    "PCGradBalancer",
+    "SumBalancer",
+    "TurboTrainBalancer",
+    "UncertaintyBalancer",
+    "build_balancer",
+]

@@ -1,0 +1,193 @@
+"""``turbotrain <stage> ...``: one verb per pipeline stage. Snakemake rules call these and nothing else."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from turbotrain.config import load_config
+from turbotrain.utils.errors import ConfigError, DataError
+
+log = logging.getLogger("turbotrain")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="config/config.yaml", help="pipeline config (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
+
+
+def _cmd_generate(args, config):
+    from turbotrain.stages import data
+
+    summary = data.generate(config, args.out)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _cmd_download(args, config):
+    from turbotrain.stages import data
+
+    print(data.download(config, args.out))
+
+
+def _cmd_fuse(args, config):
+    from turbotrain.stages import data
+
+    summary = data.fuse(config, args.raw, args.split, args.out)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _cmd_show(args, config):
+    from turbotrain.stages import data
+
+    data.show(config, args.cache, args.split, args.index, args.out)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fusion", required=True, choices=["none", "early", "late", "fcooper", "attfuse", "v2xvit"])
+    p.add_argument("--pretrain", required=True, help="name of a pretrain.variants entry")
+    p.add_argument("--recipe", required=True, choices=["multistage", "joint"])
+    p.add_argument("--balancer", required=True)
+    p.add_argument("--label-fraction", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", required=True, help="fusion cache root of the dataset")
+
+
+def _run_of(args, config):
+    from turbotrain.experiments import Run
+
+    return Run(config["dataset"]["name"], args.fusion, args.pretrain, args.recipe, args.balancer,
+               args.label_fraction, args.seed)
+
+
+def _cmd_pretrain(args, config):
+    from turbotrain.stages.pretrain import pretrain
+
+    print(json.dumps(pretrain(config, args.variant, args.fusion, args.cache, args.out), indent=2, default=str))
+
+
+def _cmd_train(args, config):
+    from turbotrain.stages.finetune import finetune
+
+    summary = finetune(config, _run_of(args, config), args.cache, args.pretrained, args.out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=2, default=str))
+
+
+def _cmd_evaluate(args, config):
+    from turbotrain.stages.evaluate import evaluate
+
+    print(json.dumps(evaluate(config, _run_of(args, config), args.checkpoint, args.cache, args.out), indent=2))
+
+
+def _cmd_tables(args, config):
+    from turbotrain.stages.report import write_tables
+
+    print(write_tables(config, args.table, args.metrics, args.out).to_string())
+
+
+def _cmd_figures(args, config):
+    from turbotrain.stages.report import write_figure
+
+    cache = f"{config['cache']['root']}/{config['dataset']['name']}"
+    write_figure(config, args.figure, args.metrics, args.out, args.cache or cache)
+
+
+def _cmd_runs(args, config):
+    from turbotrain.experiments import expand_runs
+
+    for run in expand_runs(config, args.table):
+        print(run.metrics_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbotrain", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="write the embedded synthetic V2X dataset (OpenCOOD layout)")
+    _common(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("download", help="fetch dataset archives (checksummed, resumable) and unpack them")
+    _common(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("fuse", help="build the fusion cache of one split")
+    _common(p)
+    p.add_argument("--raw", required=True, help="OpenCOOD-layout dataset root")
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", required=True, help="cache root (the split folder is created inside)")
+    p.set_defaults(func=_cmd_fuse)
+
+    p = sub.add_parser("show", help="draw one fused sample in bird's-eye view (PNG)")
+    _common(p)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("pretrain", help="masked reconstruction pretraining of one variant; writes pretrained.pt")
+    _common(p)
+    p.add_argument("--variant", required=True, help="name of a pretrain.variants entry")
+    p.add_argument("--fusion", required=True, choices=["none", "early", "fcooper", "attfuse", "v2xvit"])
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, pretrained.pt)")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("train", help="one fine-tuning run (multistage recipe or balanced joint training)")
+    _common(p)
+    _run_args(p)
+    p.add_argument("--pretrained", default=None, help="pretrained.pt to start from")
+    p.add_argument("--out", required=True, help="run directory; a rerun resumes from its last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="detection AP and prediction metrics of a checkpoint -> metrics JSON")
+    _common(p)
+    _run_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("tables", help="build one results table (CSV + Markdown) from metrics files")
+    _common(p)
+    p.add_argument("--table", required=True, choices=["main", "ablation", "efficiency", "data_efficiency"])
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_tables)
+
+    p = sub.add_parser("figures", help="draw one results figure (PNG)")
+    _common(p)
+    p.add_argument("--figure", required=True,
+                   choices=["learning_curves", "gradient_conflict", "ap_vs_time", "data_efficiency", "qualitative_bev"])
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--cache", default=None, help="fusion cache root (qualitative figure)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_figures)
+
+    p = sub.add_parser("runs", help="list the runs of the experiment grid (metrics paths)")
+    _common(p)
+    p.add_argument("--table", default=None)
+    p.set_defaults(func=_cmd_runs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        args.func(args, config)
+    except (ConfigError, DataError) as exc:
+        print(f"turbotrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Load and validate the one pipeline config (JSON Schema, shared with the Snakefile's ``validate``).
+
+Defaults live in the schema (filled in by validation) and in ``config/config.yaml``; code reads the
+validated dict and never invents its own defaults.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from turbotrain.utils.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).with_name("schemas") / "config.schema.yaml"
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def _with_defaults(validator_class):
+    """A validator that also fills schema defaults, as Snakemake's ``validate(set_default=True)``."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def validate_config(config: dict, source: str = "<config>") -> dict:
+    """Validate ``config`` in place (filling defaults); raise ConfigError naming the key on failure."""
+    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: invalid configuration:"]
+        for err in errors[:10]:
+            key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+            lines.append(f"  - {key}: {_explain(err)}")
+        raise ConfigError("\n".join(lines))
+    return config
+
+
+def _explain(err: jsonschema.ValidationError) -> str:
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        return f"{err.message} (allowed keys: {', '.join(allowed)})"
+    if err.validator == "enum":
+        return f"{err.instance!r} is not one of {err.validator_value}"
+    if err.validator == "type":
+        return f"expected {err.validator_value}, got {type(err.instance).__name__} {err.instance!r}"
+    return err.message
+
+
+def set_by_path(config: dict, dotted: str, value: Any) -> None:
+    """``set_by_path(cfg, "train.lr", 1e-3)`` for command-line overrides."""
+    keys = dotted.split(".")
+    node = config
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read YAML, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        set_by_path(config, key, yaml.safe_load(raw))
+    return validate_config(config, str(path))
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config section (what a cached product depends on)."""
+    blob = json.dumps(section, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,309 @@
+"""The training Dataset over a fusion cache (see :mod:`turbotrain.data.fusion`) and its DataLoader.
+
+Fusion modes decide which agent-frames a :class:`~turbotrain.data.sample.Sample` holds:
+
+* ``intermediate`` - every cooperating agent-frame, each in its own sensor frame with ``pose_to_ego``;
+* ``none`` - the ego's own agent-frames only;
+* ``early`` - per history step one agent-frame: all agents' points moved into the ego frame at t,
+  concatenated and re-voxelised on ``grid`` (identity ``pose_to_ego``, ``agent_id`` = the ego's).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from turbotrain.data.fusion import CACHE_FORMAT_VERSION, MANIFEST_NAME, config_hash, fraction_key, sha256_file
+from turbotrain.data.records import INFRASTRUCTURE, VEHICLE
+from turbotrain.data.sample import AgentFrame, Sample, collate
+from turbotrain.data.voxelize import Voxelizer
+from turbotrain.geometry import transform_points
+from turbotrain.grid import Grid
+from turbotrain.utils.errors import ConfigError, DataError
+
+FusionMode = Literal["intermediate", "early", "none"]
+_MANIFEST_KEYS = ("format_version", "config", "config_hash", "sample_ids", "shards", "frame_stores", "files", "label_fractions")
+
+
+class MappedNpz:
+    """Arrays of an uncompressed ``.npz`` memory-mapped on first access (``np.load`` cannot map npz members)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(self.path, "file", "a cache file listed in the manifest", "(missing)")
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                self._members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        except zipfile.BadZipFile as err:
+            raise DataError(self.path, "file", "an .npz archive", str(err)) from err
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            if name not in self._members:
+                raise DataError(self.path, name, "an array of that name", "(missing)")
+            self._arrays[name] = self._map(self._members[name])
+        return self._arrays[name]
+
+    def __getstate__(self) -> dict:
+        # Maps are reopened in each worker; pickling them would copy the whole file.
+        return {**self.__dict__, "_arrays": {}}
+
+    def _map(self, info: zipfile.ZipInfo) -> np.ndarray:
+        if info.compress_type != zipfile.ZIP_STORED:
+            with np.load(self.path, allow_pickle=False) as archive:
+                return archive[info.filename.removesuffix(".npy")]
+        with open(self.path, "rb") as fh:
+            fh.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", fh.read(30)[26:30])
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+        if dtype.hasobject:
+            raise DataError(self.path, info.filename, "a plain (non-object) array", str(dtype))
+        if int(np.prod(shape)) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def load_manifest(split_dir: str | Path, expected_config_hash: str | None = None) -> dict:
+    """The validated manifest of a cache split; :class:`DataError` naming the file otherwise."""
+    path = Path(split_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(path, "manifest", "a manifest written by `turbotrain fuse` (without one the cache is incomplete)", "(missing)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(path, "manifest", "valid JSON", str(err)) from err
+    missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise DataError(path, missing[0], "present in the manifest", "(missing)")
+    if manifest["format_version"] != CACHE_FORMAT_VERSION:
+        raise DataError(path, "format_version", f"{CACHE_FORMAT_VERSION} (rebuild the cache)", manifest["format_version"])
+    recomputed = config_hash(manifest["config"])
+    if manifest["config_hash"] != recomputed:
+        raise DataError(path, "config_hash", f"{recomputed}, the hash of the stored config (the manifest was edited)", manifest["config_hash"])
+    if expected_config_hash is not None and manifest["config_hash"] != expected_config_hash:
+        raise DataError(path, "config_hash", f"{expected_config_hash} (the cache was built with another config)", manifest["config_hash"])
+    return manifest
+
+
+def verify_cache_files(split_dir: str | Path, manifest: dict) -> None:
+    """Compare every cache file's sha256 with the manifest's."""
+    for name, expected in sorted(manifest["files"].items()):
+        path = Path(split_dir) / name
+        if not path.is_file():
+            raise DataError(path, "file", "a cache file listed in the manifest", "(missing)")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise DataError(path, "sha256", expected, actual)
+
+
+@dataclass(frozen=True)
+class _FrameRef:
+    slot: int  # into the scenario's frame store
+    step: int  # already shifted to the dataset's history length
+    agent_id: int
+    pose_to_ego: np.ndarray
+
+
+class FusedDataset(Dataset):
+    """``len()`` samples of a cache split; ``dataset[i]`` is a :class:`Sample`."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        split: str,
+        fusion_mode: FusionMode = "intermediate",
+        label_fraction: float = 1.0,
+        history: int | None = None,
+        grid: Grid | None = None,
+        max_points_per_voxel: int | None = None,
+        max_voxels: int | None = None,
+        voxel_backend: str = "auto",
+        verify_checksums: bool = False,
+        expected_config_hash: str | None = None,
+    ):
+        """``history``: use the most recent steps of the cached ones; ``grid`` / ``max_*``: early fusion's
+        re-voxelisation (default: the cache's grid and points per voxel, and room for every agent's voxels)."""
+        if fusion_mode not in ("intermediate", "early", "none"):
+            raise ConfigError(f"fusion_mode must be intermediate, early or none, got {fusion_mode!r}")
+        self.split_dir = Path(cache_dir) / split
+        self.fusion_mode = fusion_mode
+        self.manifest = load_manifest(self.split_dir, expected_config_hash)
+        if verify_checksums:
+            verify_cache_files(self.split_dir, self.manifest)
+        cfg = self.manifest["config"]
+        self.cached_history = int(cfg["history"])
+        self.history = self.cached_history if history is None else int(history)
+        if not 1 <= self.history <= self.cached_history:
+            raise ConfigError(f"history must be in 1..{self.cached_history} (the cached steps), got {history}")
+        self.max_points_per_voxel = int(cfg["max_points_per_voxel"])
+        self.grid = grid or Grid.from_config(cfg["grid"])
+        # A fused cloud holds up to max_agents agents' voxels; the per-agent cap would drop points.
+        self.early_voxelizer = Voxelizer(
+            self.grid,
+            max_points_per_voxel or self.max_points_per_voxel,
+            max_voxels or int(cfg["max_voxels"]) * int(cfg["max_agents"]),
+            voxel_backend,
+        )
+        self._rows = self._select_rows(label_fraction)
+        self._shards: dict[int, dict[str, np.ndarray]] = {}
+        self._stores: dict[str, MappedNpz] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Sample:
+        shard, row = self._locate(i)
+        refs = self._frame_refs(shard, row)
+        ego_id = int(shard["ego_ids"][row])
+        if self.fusion_mode == "none":
+            frames = [self._agent_frame(shard, row, ref) for ref in refs if ref.agent_id == ego_id]
+        elif self.fusion_mode == "intermediate":
+            frames = [self._agent_frame(shard, row, ref) for ref in refs]
+        else:
+            frames = [self._early_frame(shard, row, refs, step, ego_id) for step in range(self.history)]
+        return self._sample(shard, row, frames)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": {}, "_stores": {}}
+
+    def sample_id(self, i: int) -> str:
+        shard, row = self._locate(i)
+        return str(shard["sample_ids"][row])
+
+    def early_fused_points(self, i: int, step: int) -> np.ndarray:
+        """(N, 5) all agents' points at ``step`` in the ego frame at t; column 4 is the agent slot (0 = ego)."""
+        shard, row = self._locate(i)
+        return self._fused_points(shard, row, self._frame_refs(shard, row), step)
+
+    # -- indexing
+
+    def _select_rows(self, label_fraction: float) -> list[tuple[int, int]]:
+        subsets = self.manifest["label_fractions"]
+        key = fraction_key(label_fraction)
+        if key not in subsets:
+            raise DataError(self.split_dir / MANIFEST_NAME, "label_fractions", f"a subset for {key} (one of {sorted(subsets)})", key)
+        shard_and_row = [(k, r) for k, shard in enumerate(self.manifest["shards"]) for r in range(int(shard["count"]))]
+        where = dict(zip(self.manifest["sample_ids"], shard_and_row))
+        return [where[sid] for sid in subsets[key]]
+
+    def _locate(self, i: int) -> tuple[dict[str, np.ndarray], int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        k, row = self._rows[i]
+        if k not in self._shards:
+            path = self.split_dir / self.manifest["shards"][k]["file"]
+            if not path.is_file():
+                raise DataError(path, "file", "a sample shard listed in the manifest", "(missing)")
+            with np.load(path, allow_pickle=False) as archive:
+                self._shards[k] = {name: archive[name] for name in archive.files}
+        return self._shards[k], row
+
+    def _store(self, scenario: str) -> MappedNpz:
+        if scenario not in self._stores:
+            self._stores[scenario] = MappedNpz(self.split_dir / self.manifest["frame_stores"][scenario])
+        return self._stores[scenario]
+
+    def _frame_refs(self, shard: dict, row: int) -> list[_FrameRef]:
+        """The sample's cached agent-frames within the used history, steps renumbered to 0 .. history-1."""
+        lo, hi = shard["frame_offsets"][row], shard["frame_offsets"][row + 1]
+        dropped_steps = self.cached_history - self.history
+        return [
+            _FrameRef(int(shard["frame_slots"][j]), int(shard["frame_steps"][j]) - dropped_steps,
+                      int(shard["frame_agent_ids"][j]), shard["frame_poses_to_ego"][j])
+            for j in range(lo, hi)
+            if shard["frame_steps"][j] >= dropped_steps
+        ]
+
+    # -- frames
+
+    def _agent_frame(self, shard: dict, row: int, ref: _FrameRef) -> AgentFrame:
+        voxels, coords, num_points = self._stored_voxels(str(shard["scenarios"][row]), ref.slot)
+        return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=ref.pose_to_ego.copy(),
+                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
+
+    def _early_frame(self, shard: dict, row: int, refs: list[_FrameRef], step: int, ego_id: int) -> AgentFrame:
+        points = self._fused_points(shard, row, refs, step)[:, :4]
+        voxels, coords, num_points = self.early_voxelizer(points)
+        return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=np.eye(4),
+                          agent_id=ego_id, agent_type=_agent_type(ego_id), step=step)
+
+    def _fused_points(self, shard: dict, row: int, refs: list[_FrameRef], step: int) -> np.ndarray:
+        scenario = str(shard["scenarios"][row])
+        slots = _agent_slots(int(shard["ego_ids"][row]), refs)
+        parts = [np.zeros((0, 5), np.float32)]
+        for ref in sorted((r for r in refs if r.step == step), key=lambda r: slots[r.agent_id]):
+            points = transform_points(self._stored_points(scenario, ref.slot), ref.pose_to_ego)
+            parts.append(np.hstack([points, np.full((len(points), 1), slots[ref.agent_id], np.float32)]))
+        return np.concatenate(parts)
+
+    def _stored_points(self, scenario: str, slot: int) -> np.ndarray:
+        store = self._store(scenario)
+        lo, hi = store["point_offsets"][slot], store["point_offsets"][slot + 1]
+        return np.array(store["points"][lo:hi], np.float32)
+
+    def _stored_voxels(self, scenario: str, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(V, P, 4) zero-padded voxels rebuilt from the store's voxel-grouped points."""
+        store = self._store(scenario)
+        v_lo, v_hi = store["voxel_offsets"][slot], store["voxel_offsets"][slot + 1]
+        num_points = np.array(store["num_points"][v_lo:v_hi], np.int32)
+        coords = np.array(store["coords"][v_lo:v_hi], np.int32)
+        points = self._stored_points(scenario, slot)
+        voxel_of_point = np.repeat(np.arange(len(num_points)), num_points)
+        slot_in_voxel = np.arange(len(points)) - np.repeat(np.cumsum(num_points) - num_points, num_points)
+        voxels = np.zeros((len(num_points), self.max_points_per_voxel, 4), np.float32)
+        voxels[voxel_of_point, slot_in_voxel] = points
+        return voxels, coords, num_points
+
+    # -- labels
+
+    def _sample(self, shard: dict, row: int, frames: list[AgentFrame]) -> Sample:
+        lo, hi = shard["box_offsets"][row], shard["box_offsets"][row + 1]
+        return Sample(
+            sample_id=str(shard["sample_ids"][row]),
+            frames=frames,
+            boxes=shard["boxes"][lo:hi].copy(),
+            classes=shard["classes"][lo:hi].copy(),
+            track_ids=shard["track_ids"][lo:hi].copy(),
+            history=shard["history"][lo:hi, -self.history :].copy(),
+            history_valid=shard["history_valid"][lo:hi, -self.history :].copy(),
+            future=shard["future"][lo:hi].copy(),
+            future_valid=shard["future_valid"][lo:hi].copy(),
+        )
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    """DataLoader over ``dataset`` with :func:`collate`; the shuffle order depends on ``seed`` only."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
+        generator=generator, worker_init_fn=_seed_worker,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the generator; numpy must follow for augmentations to be reproducible.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def _agent_type(agent_id: int) -> int:
+    return INFRASTRUCTURE if agent_id < 0 else VEHICLE
+
+
+def _agent_slots(ego_id: int, refs: list[_FrameRef]) -> dict[int, int]:
+    """Ego 0, other agents 1.. by ascending id (the slots :func:`collate` assigns)."""
+    others = sorted({r.agent_id for r in refs} - {ego_id})
+    return {ego_id: 0, **{a: i + 1 for i, a in enumerate(others)}}

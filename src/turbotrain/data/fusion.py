@@ -1,0 +1,563 @@
+"""``turbotrain fuse``: build the fusion cache that :class:`~turbotrain.data.dataset.FusedDataset` reads.
+
+A *sample* is an ego agent at a timestamp ``t`` with ``history`` steps ``t-H+1 .. t`` and ``future``
+steps after ``t``, the ego present at all of them. Its cooperators are the agents whose sensor lies
+within ``comm_range`` of the ego's at ``t`` (the ``max_agents`` closest, ego first).
+
+Layout of ``<out_dir>/<split>/``:
+
+* ``frames-<scenario>.npz`` - every (agent, timestamp) LiDAR frame that some sample uses, voxelised
+  once in the agent's own sensor frame (cropped with the grid range there), stored compactly as the
+  voxels' points concatenated plus offsets: ``agent_ids (K,)``, ``timestamps (K,)``,
+  ``lidar_poses (K, 6)``, ``voxel_offsets (K+1,)``, ``point_offsets (K+1,)``, ``coords (V, 3)``,
+  ``num_points (V,)``, ``points (N, 4)``; voxels are in canonical (linear index) order.
+* ``samples-<k>.npz`` - up to ``shard_size`` samples: ids, the agent-frames as references into the
+  frame stores with their ``pose_to_ego``, and ego-frame labels; ragged arrays as data + offsets.
+* ``manifest.json`` - written last: sample ids, counts, per-file sha256, the config and its hash,
+  and nested label-fraction subsets. No manifest means no complete cache.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from turbotrain.data.records import INFRASTRUCTURE, VEHICLE, AgentFrameRecord, ObjectRecord, ScenarioIndex
+from turbotrain.data.voxelize import Voxelizer, sort_voxels
+from turbotrain.geometry import pose_to_matrix, relative_transform, transform_boxes, transform_xy_yaw
+from turbotrain.grid import Grid
+from turbotrain.utils.atomic import write_json, write_npz
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+AGENT_TYPE_NAMES = {"vehicle": VEHICLE, "infrastructure": INFRASTRUCTURE}
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Everything that decides the cache's content; its hash identifies a cache."""
+
+    history: int
+    future: int
+    grid: Grid
+    classes: tuple[str, ...]
+    comm_range: float = 70.0
+    class_map: dict[str, str] = field(default_factory=dict)
+    max_agents: int = 5
+    max_points_per_voxel: int = 32
+    max_voxels: int = 40000
+    sample_stride: int = 1
+    ego_types: tuple[str, ...] = ("vehicle",)
+    on_bad_frame: str = "error"
+    label_fractions: tuple[float, ...] = (0.2, 0.5, 1.0)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.history < 1 or self.future < 0:
+            raise ValueError(f"need history >= 1 and future >= 0, got {self.history}, {self.future}")
+        if self.max_agents < 1 or self.sample_stride < 1:
+            raise ValueError(f"max_agents and sample_stride must be >= 1, got {self.max_agents}, {self.sample_stride}")
+        unknown = set(self.ego_types) - set(AGENT_TYPE_NAMES)
+        if unknown or not self.ego_types:
+            raise ValueError(f"ego_types must be a non-empty subset of {sorted(AGENT_TYPE_NAMES)}, got {self.ego_types}")
+        if any(not 0 < f <= 1 for f in self.label_fractions):
+            raise ValueError(f"label fractions must lie in (0, 1], got {self.label_fractions}")
+
+    def to_json(self) -> dict:
+        """JSON-ready form, stored in the manifest (sorted containers, so equal configs hash equally)."""
+        cfg = asdict(self)
+        cfg["grid"] = {
+            "point_cloud_range": list(self.grid.point_cloud_range),
+            "voxel_size": list(self.grid.voxel_size),
+            "bev_stride": self.grid.bev_stride,
+        }
+        cfg["classes"] = list(self.classes)
+        cfg["class_map"] = dict(sorted(self.class_map.items()))
+        cfg["ego_types"] = sorted(self.ego_types)
+        cfg["label_fractions"] = sorted(float(f) for f in self.label_fractions)
+        cfg["format_version"] = CACHE_FORMAT_VERSION
+        return cfg
+
+
+def config_hash(config_json: dict) -> str:
+    """sha256 of the canonical JSON of a :meth:`FusionConfig.to_json` dict."""
+    return hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
+
+
+def fraction_key(fraction: float) -> str:
+    """Manifest key of a label fraction: ``0.2 -> "0.2"``, ``1 -> "1.0"``."""
+    return str(float(fraction))
+
+
+def build_cache(
+    raw_root: str | Path,
+    split: str,
+    out_dir: str | Path,
+    *,
+    history: int,
+    future: int,
+    grid: Grid,
+    classes: Sequence[str],
+    comm_range: float = 70.0,
+    class_map: dict[str, str] | None = None,
+    max_agents: int = 5,
+    max_points_per_voxel: int = 32,
+    max_voxels: int = 40000,
+    voxel_backend: str = "auto",
+    sample_stride: int = 1,
+    ego_types: Sequence[str] = ("vehicle",),
+    on_bad_frame: str = "error",
+    label_fractions: Sequence[float] = (0.2, 0.5, 1.0),
+    seed: int = 0,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Fuse ``<raw_root>/<split>`` (OpenCOOD layout) into ``<out_dir>/<split>``; returns the summary.
+
+    ``voxel_backend`` and ``shard_size`` are not part of the config hash: both voxeliser backends give
+    the same voxels, which the cache stores in canonical order.
+    """
+    from turbotrain.data import opencood  # imported here: the reader is the only heavy dependency
+
+    config = FusionConfig(
+        history=history, future=future, grid=grid, classes=tuple(classes), comm_range=float(comm_range),
+        class_map=dict(class_map or {}), max_agents=max_agents, max_points_per_voxel=max_points_per_voxel,
+        max_voxels=max_voxels, sample_stride=sample_stride, ego_types=tuple(ego_types),
+        on_bad_frame=on_bad_frame, label_fractions=tuple(label_fractions), seed=seed,
+    )
+    split_dir = Path(out_dir) / split
+    # A previous manifest would vouch for files this run is about to replace.
+    (split_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    skipped = opencood.SkipReport()
+    scenarios = sorted(opencood.index_split(raw_root, split, on_bad_frame=on_bad_frame, report=skipped), key=lambda s: s.name)
+    read = functools.partial(opencood.read_agent_frame, on_bad_frame=on_bad_frame, report=skipped)
+    builder = _CacheBuilder(config, split, split_dir, Voxelizer(grid, max_points_per_voxel, max_voxels, voxel_backend), shard_size)
+    for index in tqdm(scenarios, desc=f"fuse {split}", unit="scenario", disable=not progress):
+        builder.add_scenario(ScenarioReader(read, index))
+    return builder.finish(skipped_by_field=dict(sorted(skipped.by_field.items())))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading one scenario
+
+
+class ScenarioReader:
+    """One scenario's frames, each YAML read at most once without points; counts unreadable frames."""
+
+    def __init__(self, read_agent_frame: Callable[..., AgentFrameRecord | None], index: ScenarioIndex):
+        self.index = index
+        self._read = read_agent_frame  # (index, agent_id, timestamp, load_points=) -> record | None
+        self._meta: dict[tuple[int, str], AgentFrameRecord | None] = {}
+        self.bad_frames = 0
+        self.timeline = _timeline(index)
+        self._present = {a: set(ts) for a, ts in index.timestamps.items()}
+
+    def has(self, agent_id: int, timestamp: str) -> bool:
+        return timestamp in self._present.get(agent_id, ())
+
+    def meta(self, agent_id: int, timestamp: str) -> AgentFrameRecord | None:
+        """The frame's pose and objects (no points), or None when absent or unreadable."""
+        key = (agent_id, timestamp)
+        if key not in self._meta:
+            self._meta[key] = self._load(agent_id, timestamp, load_points=False) if self.has(*key) else None
+        return self._meta[key]
+
+    def with_points(self, agent_id: int, timestamp: str) -> AgentFrameRecord | None:
+        return self._load(agent_id, timestamp, load_points=True)
+
+    def _load(self, agent_id: int, timestamp: str, load_points: bool) -> AgentFrameRecord | None:
+        record = self._read(self.index, agent_id, timestamp, load_points=load_points)
+        self.bad_frames += record is None
+        return record
+
+
+def _timeline(index: ScenarioIndex) -> list[str]:
+    """All timestamps of a scenario in time order (numeric when they are numbers)."""
+    stamps = set().union(*index.timestamps.values()) if index.timestamps else set()
+    return sorted(stamps, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
+
+
+def sample_anchors(reader: ScenarioReader, ego_id: int, history: int, future: int, stride: int) -> list[int]:
+    """Timeline positions ``t`` at which the ego has every frame ``t-H+1 .. t+F``."""
+    timeline = reader.timeline
+    anchors = []
+    for t in range(history - 1, len(timeline) - future, stride):
+        if all(reader.has(ego_id, ts) for ts in timeline[t - history + 1 : t + future + 1]):
+            anchors.append(t)
+    return anchors
+
+
+def select_cooperators(poses: dict[int, np.ndarray], ego_id: int, comm_range: float, max_agents: int) -> list[int]:
+    """Ego first, then the closest agents whose sensor is within ``comm_range`` (x/y distance, as OpenCOOD)."""
+    ego_xy = np.asarray(poses[ego_id][:2], np.float64)
+    distances = {a: float(np.hypot(*(np.asarray(p[:2], np.float64) - ego_xy))) for a, p in poses.items() if a != ego_id}
+    in_range = sorted((d, a) for a, d in distances.items() if d <= comm_range)
+    return [ego_id] + [a for _, a in in_range[: max_agents - 1]]
+
+
+def object_union(records: Iterable[AgentFrameRecord | None]) -> dict[int, ObjectRecord]:
+    """Objects of several agents' frames by track id; the first agent that lists a track wins."""
+    union: dict[int, ObjectRecord] = {}
+    for record in records:
+        for obj in record.objects if record is not None else ():
+            union.setdefault(int(obj.track_id), obj)
+    return union
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels
+
+
+@dataclass
+class Labels:
+    """Ego-frame ground truth of one sample."""
+
+    boxes: np.ndarray  # (M, 7) float32
+    classes: np.ndarray  # (M,) int64
+    track_ids: np.ndarray  # (M,) int64
+    history: np.ndarray  # (M, H, 3) float32
+    history_valid: np.ndarray  # (M, H) bool
+    future: np.ndarray  # (M, F, 3) float32
+    future_valid: np.ndarray  # (M, F) bool
+
+
+class LabelMaker:
+    """Turns map-frame object lists into :class:`Labels` in the ego frame at ``t``."""
+
+    def __init__(self, grid: Grid, classes: Sequence[str], class_map: dict[str, str] | None = None):
+        self.grid = grid
+        self.class_index = {name: i for i, name in enumerate(classes)}
+        self.class_map = dict(class_map or {})
+        self.unknown_types: Counter[str] = Counter()
+
+    def make(self, ego_pose: np.ndarray, current: dict[int, ObjectRecord], past: list[dict[int, ObjectRecord]],
+             coming: list[dict[int, ObjectRecord]]) -> Labels:
+        """``current``: union at t; ``past``: unions at t-H+1 .. t; ``coming``: unions at t+1 .. t+F."""
+        map_to_ego = np.linalg.inv(pose_to_matrix(ego_pose))
+        kept = self._kept_objects(current, map_to_ego)
+        track_ids = np.array([tid for tid, _, _ in kept], np.int64)
+        history, history_valid = _track_states(track_ids, past, map_to_ego)
+        future, future_valid = _track_states(track_ids, coming, map_to_ego)
+        return Labels(
+            boxes=np.array([box for _, box, _ in kept], np.float32).reshape(-1, 7),
+            classes=np.array([cls for _, _, cls in kept], np.int64),
+            track_ids=track_ids, history=history, history_valid=history_valid,
+            future=future, future_valid=future_valid,
+        )
+
+    def _kept_objects(self, objects: dict[int, ObjectRecord], map_to_ego: np.ndarray) -> list[tuple[int, np.ndarray, int]]:
+        kept = []
+        x_min, y_min, _, x_max, y_max, _ = self.grid.point_cloud_range
+        for track_id in sorted(objects):
+            obj = objects[track_id]
+            cls = self.class_index.get(self.class_map.get(obj.obj_type, obj.obj_type))
+            if cls is None:
+                self.unknown_types[obj.obj_type] += 1
+                continue
+            box = transform_boxes(obj.box, map_to_ego)[0]
+            if x_min <= box[0] < x_max and y_min <= box[1] < y_max:
+                kept.append((track_id, box, cls))
+        return kept
+
+
+def _track_states(track_ids: np.ndarray, steps: list[dict[int, ObjectRecord]], map_to_ego: np.ndarray):
+    """(M, S, 3) x, y, yaw per step in the ego frame and (M, S) validity (absent -> zeros, invalid)."""
+    states = np.zeros((len(track_ids), len(steps), 3), np.float64)
+    valid = np.zeros((len(track_ids), len(steps)), bool)
+    for s, objects in enumerate(steps):
+        for m, track_id in enumerate(track_ids):
+            obj = objects.get(int(track_id))
+            if obj is not None:
+                states[m, s] = np.asarray(obj.box)[[0, 1, 6]]
+                valid[m, s] = True
+    if valid.any():
+        states[valid] = transform_xy_yaw(states[valid], map_to_ego)
+    return states.astype(np.float32), valid
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+class FrameStore:
+    """One scenario's voxelised frames, each (agent, timestamp) voxelised once and shared by samples."""
+
+    def __init__(self, voxelizer: Voxelizer):
+        self.voxelizer = voxelizer
+        self._slot: dict[tuple[int, str], int | None] = {}
+        self._agent_ids: list[int] = []
+        self._timestamps: list[str] = []
+        self._poses: list[np.ndarray] = []
+        self._coords: list[np.ndarray] = []
+        self._num_points: list[np.ndarray] = []
+        self._points: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._agent_ids)
+
+    def slot_of(self, reader: ScenarioReader, agent_id: int, timestamp: str) -> int | None:
+        """Index of the frame in this store, voxelising it on first use; None if it cannot be read."""
+        key = (agent_id, timestamp)
+        if key not in self._slot:
+            record = reader.with_points(agent_id, timestamp) if reader.has(agent_id, timestamp) else None
+            self._slot[key] = None if record is None else self._add(record)
+        return self._slot[key]
+
+    def _add(self, record: AgentFrameRecord) -> int:
+        voxels, coords, num_points = sort_voxels(*self.voxelizer(record.points), self.voxelizer.grid)
+        keep = np.arange(voxels.shape[1])[None, :] < num_points[:, None]
+        self._agent_ids.append(int(record.agent_id))
+        self._timestamps.append(str(record.timestamp))
+        self._poses.append(np.asarray(record.lidar_pose, np.float64))
+        self._coords.append(coords.astype(np.int32))
+        self._num_points.append(num_points.astype(np.int32))
+        self._points.append(voxels[keep].astype(np.float32))  # voxel-grouped, padding dropped
+        return len(self._agent_ids) - 1
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "agent_ids": np.array(self._agent_ids, np.int64),
+            "timestamps": np.array(self._timestamps, dtype=np.str_),
+            "lidar_poses": np.array(self._poses, np.float64).reshape(-1, 6),
+            "voxel_offsets": _offsets(len(c) for c in self._coords),
+            "point_offsets": _offsets(len(p) for p in self._points),
+            "coords": _concat(self._coords, (0, 3), np.int32),
+            "num_points": _concat(self._num_points, (0,), np.int32),
+            "points": _concat(self._points, (0, 4), np.float32),
+        }
+
+
+@dataclass
+class SampleRecord:
+    sample_id: str
+    scenario: str
+    ego_id: int
+    ego_pose: np.ndarray  # (6,)
+    frame_slots: list[int]  # into the scenario's frame store
+    frame_steps: list[int]
+    frame_agent_ids: list[int]
+    frame_poses_to_ego: list[np.ndarray]  # (4, 4) each
+    labels: Labels
+
+
+def shard_arrays(samples: list[SampleRecord]) -> dict[str, np.ndarray]:
+    """Per-sample metadata of one shard as flat arrays plus offsets (no pickle)."""
+    lab = [s.labels for s in samples]
+    return {
+        "sample_ids": np.array([s.sample_id for s in samples], dtype=np.str_),
+        "scenarios": np.array([s.scenario for s in samples], dtype=np.str_),
+        "ego_ids": np.array([s.ego_id for s in samples], np.int64),
+        "ego_poses": np.array([s.ego_pose for s in samples], np.float64).reshape(-1, 6),
+        "frame_offsets": _offsets(len(s.frame_slots) for s in samples),
+        "frame_slots": np.array([x for s in samples for x in s.frame_slots], np.int64),
+        "frame_steps": np.array([x for s in samples for x in s.frame_steps], np.int64),
+        "frame_agent_ids": np.array([x for s in samples for x in s.frame_agent_ids], np.int64),
+        "frame_poses_to_ego": np.array([x for s in samples for x in s.frame_poses_to_ego], np.float64).reshape(-1, 4, 4),
+        "box_offsets": _offsets(len(x.boxes) for x in lab),
+        "boxes": _concat([x.boxes for x in lab], (0, 7), np.float32),
+        "classes": _concat([x.classes for x in lab], (0,), np.int64),
+        "track_ids": _concat([x.track_ids for x in lab], (0,), np.int64),
+        "history": _concat([x.history for x in lab], (0,) + lab[0].history.shape[1:], np.float32),
+        "history_valid": _concat([x.history_valid for x in lab], (0,) + lab[0].history_valid.shape[1:], bool),
+        "future": _concat([x.future for x in lab], (0,) + lab[0].future.shape[1:], np.float32),
+        "future_valid": _concat([x.future_valid for x in lab], (0,) + lab[0].future_valid.shape[1:], bool),
+    }
+
+
+def label_fraction_subsets(sample_ids: Sequence[str], fractions: Iterable[float], seed: int) -> dict[str, list[str]]:
+    """Nested, seeded subsets: each fraction takes a prefix of one ranking of the samples.
+
+    The rank of a sample is a hash of (seed, sample id), so it does not depend on which other samples
+    exist: adding a scenario leaves the existing samples' membership unchanged except at the cut.
+    """
+    ranked = sorted(sample_ids, key=lambda sid: hashlib.sha256(f"{seed}:{sid}".encode()).hexdigest())
+    position = {sid: i for i, sid in enumerate(sample_ids)}
+    subsets = {}
+    for fraction in sorted(float(f) for f in fractions):
+        count = min(len(ranked), math.ceil(round(fraction * len(ranked), 9)))
+        subsets[fraction_key(fraction)] = sorted(ranked[:count], key=position.__getitem__)
+    return subsets
+
+
+class _CacheBuilder:
+    """Accumulates samples scenario by scenario and writes frame stores, shards and the manifest."""
+
+    def __init__(self, config: FusionConfig, split: str, split_dir: Path, voxelizer: Voxelizer, shard_size: int):
+        self.config = config
+        self.split = split
+        self.split_dir = split_dir
+        self.voxelizer = voxelizer
+        self.shard_size = shard_size
+        self.labels = LabelMaker(config.grid, config.classes, config.class_map)
+        self.ego_types = {AGENT_TYPE_NAMES[name] for name in config.ego_types}
+        self.pending: list[SampleRecord] = []
+        self.sample_ids: list[str] = []
+        self.shards: list[dict] = []
+        self.frame_stores: dict[str, str] = {}
+        self.counts = Counter()
+        self.class_counts = Counter()
+        self.skipped_by_field: dict[str, int] = {}
+
+    def add_scenario(self, reader: ScenarioReader) -> None:
+        store = FrameStore(self.voxelizer)
+        for ego_id in sorted(reader.index.agent_ids):
+            if (INFRASTRUCTURE if ego_id < 0 else VEHICLE) not in self.ego_types:
+                continue
+            anchors = sample_anchors(reader, ego_id, self.config.history, self.config.future, self.config.sample_stride)
+            for t in anchors:
+                sample = self._make_sample(reader, store, ego_id, t)
+                if sample is None:
+                    self.counts["samples_skipped_unreadable_ego"] += 1
+                    continue
+                self._append(sample)
+        self.counts["bad_frames"] += reader.bad_frames
+        if len(store):
+            self._write_frame_store(reader.index.name, store)
+
+    def _make_sample(self, reader: ScenarioReader, store: FrameStore, ego_id: int, t: int) -> SampleRecord | None:
+        cfg = self.config
+        timeline = reader.timeline
+        history_stamps = timeline[t - cfg.history + 1 : t + 1]
+        future_stamps = timeline[t + 1 : t + cfg.future + 1]
+        now = timeline[t]
+        if any(reader.meta(ego_id, stamp) is None for stamp in history_stamps + future_stamps):
+            return None  # an unreadable ego frame (on_bad_frame="skip") means the ego is not there
+        ego_meta = reader.meta(ego_id, now)
+        readable_now = {a: reader.meta(a, now) for a in reader.index.agent_ids}
+        poses_now = {a: record.lidar_pose for a, record in readable_now.items() if record is not None}
+        cooperators = select_cooperators(poses_now, ego_id, cfg.comm_range, cfg.max_agents)
+        frames = self._agent_frames(reader, store, cooperators, history_stamps, ego_meta.lidar_pose)
+        if sorted(step for step, agent, *_ in frames if agent == ego_id) != list(range(cfg.history)):
+            return None  # the ego's own LiDAR is what every fusion mode needs
+        labels = self._labels(reader, cooperators, ego_meta.lidar_pose, now, history_stamps, future_stamps)
+        return SampleRecord(
+            sample_id=f"{self.split}/{reader.index.name}/{ego_id}/{now}",
+            scenario=reader.index.name, ego_id=ego_id, ego_pose=np.asarray(ego_meta.lidar_pose, np.float64),
+            frame_slots=[f[2] for f in frames], frame_steps=[f[0] for f in frames],
+            frame_agent_ids=[f[1] for f in frames], frame_poses_to_ego=[f[3] for f in frames], labels=labels,
+        )
+
+    def _agent_frames(self, reader: ScenarioReader, store: FrameStore, cooperators: list[int],
+                      history_stamps: list[str], ego_pose_now: np.ndarray) -> list[tuple[int, int, int, np.ndarray]]:
+        """(step, agent id, store slot, pose_to_ego) of every readable cooperator frame in the history."""
+        frames = []
+        for step, stamp in enumerate(history_stamps):
+            for agent_id in cooperators:
+                meta = reader.meta(agent_id, stamp)
+                slot = store.slot_of(reader, agent_id, stamp) if meta is not None else None
+                if slot is not None:
+                    frames.append((step, agent_id, slot, relative_transform(meta.lidar_pose, ego_pose_now)))
+        return frames
+
+    def _labels(self, reader: ScenarioReader, cooperators: list[int], ego_pose: np.ndarray, now: str,
+                history_stamps: list[str], future_stamps: list[str]) -> Labels:
+        # Labels at t come from what the cooperators annotate; tracks use every agent's annotations
+        # (cooperators first, so a track's state at t matches its label box) for the fullest ground truth.
+        others = sorted(set(reader.index.agent_ids) - set(cooperators))
+        order = cooperators + others
+        at = {stamp: object_union(reader.meta(a, stamp) for a in order) for stamp in history_stamps + future_stamps}
+        current = object_union(reader.meta(a, now) for a in cooperators)
+        return self.labels.make(ego_pose, current, [at[s] for s in history_stamps], [at[s] for s in future_stamps])
+
+    def _append(self, sample: SampleRecord) -> None:
+        self.pending.append(sample)
+        self.sample_ids.append(sample.sample_id)
+        for cls in sample.labels.classes:
+            self.class_counts[self.config.classes[cls]] += 1
+        if len(self.pending) == self.shard_size:
+            self._flush_shard()
+
+    def _flush_shard(self) -> None:
+        name = f"samples-{len(self.shards):05d}.npz"
+        write_npz(self.split_dir / name, **shard_arrays(self.pending))
+        self.shards.append({"file": name, "count": len(self.pending)})
+        self.pending = []
+
+    def _write_frame_store(self, scenario: str, store: FrameStore) -> None:
+        name = f"frames-{_safe_name(scenario)}.npz"
+        if name in self.frame_stores.values():
+            raise ValueError(f"two scenarios map to the frame store file {name}; rename one of them")
+        arrays = store.arrays()
+        write_npz(self.split_dir / name, **arrays)
+        self.frame_stores[scenario] = name
+        self.counts["frames"] += len(store)
+        self.counts["voxels"] += len(arrays["coords"])
+        self.counts["points"] += len(arrays["points"])
+
+    def finish(self, skipped_by_field: dict[str, int] | None = None) -> dict:
+        """Write the last shard, then the manifest (last of all); returns the summary."""
+        self.skipped_by_field = dict(skipped_by_field or {})
+        if self.pending:
+            self._flush_shard()
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+        written = [s["file"] for s in self.shards] + sorted(self.frame_stores.values())
+        _remove_stale_files(self.split_dir, set(written))
+        manifest = self._manifest(written)
+        write_json(self.split_dir / MANIFEST_NAME, manifest)
+        return {"manifest": str(self.split_dir / MANIFEST_NAME), "config_hash": manifest["config_hash"],
+                **manifest["counts"], "skipped": manifest["skipped"]}
+
+    def _manifest(self, written: list[str]) -> dict:
+        config_json = self.config.to_json()
+        return {
+            "format_version": CACHE_FORMAT_VERSION,
+            "split": self.split,
+            "config": config_json,
+            "config_hash": config_hash(config_json),
+            "sample_ids": self.sample_ids,
+            "shards": self.shards,
+            "frame_stores": self.frame_stores,
+            "counts": {
+                "samples": len(self.sample_ids),
+                "scenarios_with_samples": len(self.frame_stores),
+                "frames": self.counts["frames"],
+                "points": self.counts["points"],
+                "voxels": self.counts["voxels"],
+                "objects_per_class": {name: self.class_counts[name] for name in self.config.classes},
+            },
+            "skipped": {
+                "bad_frames": self.counts["bad_frames"],
+                "bad_inputs_by_field": self.skipped_by_field,
+                "samples_without_ego_frames": self.counts["samples_skipped_unreadable_ego"],
+                # per sample an object of an unknown type was dropped from
+                "unknown_object_types": dict(sorted(self.labels.unknown_types.items())),
+            },
+            "files": {name: sha256_file(self.split_dir / name) for name in written},
+            "label_fractions": label_fraction_subsets(self.sample_ids, self.config.label_fractions, self.config.seed),
+        }
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_stale_files(split_dir: Path, keep: set[str]) -> None:
+    """Drop cache files of an earlier run that this run did not write (they would not be in the manifest)."""
+    for path in split_dir.glob("*.npz"):
+        if (path.name.startswith("frames-") or path.name.startswith("samples-")) and path.name not in keep:
+            path.unlink()
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _offsets(lengths: Iterable[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(list(lengths), dtype=np.int64)]).astype(np.int64)
+
+
+def _concat(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty_shape, dtype)

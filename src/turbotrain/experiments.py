@@ -1,0 +1,73 @@
+"""The experiment grid: config ``experiments.groups`` -> concrete runs with stable ids and paths.
+
+The Snakefile and the table builders both read runs from here, so a run id means the same thing in
+the DAG, on disk and in a table.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+# fusion wildcard -> (what the data loader feeds, which model fuser); late fusion reuses the ego-only
+# model and fuses boxes at evaluation time.
+FUSION_MODES = {
+    "none": ("none", "ego"),
+    "early": ("early", "ego"),
+    "late": ("none", "ego"),
+    "fcooper": ("intermediate", "fcooper"),
+    "attfuse": ("intermediate", "attfuse"),
+    "v2xvit": ("intermediate", "v2xvit"),
+}
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    dataset: str
+    fusion: str
+    pretrain: str
+    recipe: str
+    balancer: str
+    label_fraction: float
+    seed: int
+
+    @property
+    def trained_fusion(self) -> str:
+        """Late fusion evaluates the checkpoint trained without fusion."""
+        return "none" if self.fusion == "late" else self.fusion
+
+    @property
+    def train_dir(self) -> str:
+        return (f"runs/finetune/{self.dataset}/{self.trained_fusion}/{self.pretrain}/{self.recipe}-{self.balancer}/"
+                f"lf{self.label_fraction:g}/seed{self.seed}")
+
+    @property
+    def metrics_path(self) -> str:
+        return (f"results/metrics/{self.dataset}/{self.fusion}/{self.pretrain}/{self.recipe}-{self.balancer}/"
+                f"lf{self.label_fraction:g}/seed{self.seed}.json")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def expand_runs(config: dict, table: str | None = None) -> list[Run]:
+    """All runs of the grid (or of the groups that feed ``table``), sorted and de-duplicated."""
+    dataset = config["dataset"]["name"]
+    seeds = config["experiments"]["seeds"]
+    runs = set()
+    for group in config["experiments"]["groups"]:
+        if table is not None and table not in group["tables"]:
+            continue
+        axes = [group["fusion"], group["pretrain"], group["recipe"], group["balancer"], group["label_fraction"], seeds]
+        for fusion, pretrain, recipe, balancer, fraction, seed in itertools.product(*axes):
+            # the manual recipe weights its joint stage by hand: its balancer is always `fixed`
+            balancer = "fixed" if recipe == "multistage" else balancer
+            runs.add(Run(dataset, fusion, pretrain, recipe, balancer, float(fraction), int(seed)))
+    unknown = {r.pretrain for r in runs} - set(config["pretrain"]["variants"])
+    if unknown:
+        raise ValueError(f"experiments.groups name pretraining variants {sorted(unknown)} that "
+                         f"pretrain.variants does not define ({sorted(config['pretrain']['variants'])})")
+    return sorted(runs)
+
+
+def pretrain_path(dataset: str, fusion: str, pretrain: str) -> str:
+    return f"runs/pretrain/{dataset}/{fusion}/{pretrain}/pretrained.pt"

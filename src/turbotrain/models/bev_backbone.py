@@ -1,0 +1,120 @@
+"""2D BEV backbone: residual downsampling stages, each upsampled back and concatenated (FPN-style).
+
+Follows OpenCOOD's ResNetBEVBackbone layout (stage i has ``layer_nums[i]`` residual blocks after a
+strided entry block; a transposed conv brings it back to the input resolution). The input is padded
+to a multiple of the total stride and the output cropped, so any BEV shape works.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turbotrain.models.registry import BEV_BACKBONES
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
+    """3x3 conv + BatchNorm + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs); a 1x1 projection matches shapes when they change."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+def _stage(in_ch: int, out_ch: int, stride: int, num_blocks: int) -> nn.Sequential:
+    blocks = [ResidualBlock(in_ch, out_ch, stride)]
+    blocks += [ResidualBlock(out_ch, out_ch) for _ in range(num_blocks)]
+    return nn.Sequential(*blocks)
+
+
+def _upsample(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+    if stride == 1:
+        up: nn.Module = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+    else:
+        up = nn.ConvTranspose2d(in_ch, out_ch, stride, stride=stride, bias=False)
+    return nn.Sequential(up, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
+@BEV_BACKBONES.register("resnet_fpn")
+class ResNetFPNBackbone(nn.Module):
+    """Multi-scale residual BEV backbone; output ``(N, out_channels, H, W)`` at the input resolution."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        layer_nums: list[int],
+        layer_strides: list[int],
+        num_filters: list[int],
+        upsample_strides: list[int],
+        num_upsample_filters: list[int],
+    ):
+        super().__init__()
+        lengths = {len(layer_nums), len(layer_strides), len(num_filters), len(upsample_strides), len(num_upsample_filters)}
+        if len(lengths) != 1:
+            raise ValueError("bev_backbone: layer_nums, layer_strides, num_filters, upsample_* must have equal length")
+        cumulative = list(_cumulative_product(layer_strides))
+        if cumulative != list(upsample_strides):
+            raise ValueError(
+                f"bev_backbone: upsample_strides {upsample_strides} must equal the cumulative strides {cumulative} "
+                "so every scale returns to the input resolution"
+            )
+        channels = [in_channels] + list(num_filters)
+        self.stages = nn.ModuleList(
+            _stage(channels[i], channels[i + 1], layer_strides[i], layer_nums[i]) for i in range(len(layer_nums))
+        )
+        self.ups = nn.ModuleList(
+            _upsample(num_filters[i], num_upsample_filters[i], upsample_strides[i]) for i in range(len(layer_nums))
+        )
+        self.total_stride = cumulative[-1]
+        self.out_channels = int(sum(num_upsample_filters))
+
+    def forward(self, bev: torch.Tensor) -> torch.Tensor:
+        height, width = bev.shape[-2:]
+        x = _pad_to_multiple(bev, self.total_stride)
+        scales = []
+        for stage, up in zip(self.stages, self.ups):
+            x = stage(x)
+            scales.append(up(x))
+        return torch.cat(scales, dim=1)[..., :height, :width]
+
+
+def _cumulative_product(values: list[int]):
+    product = 1
+    for v in values:
+        product *= int(v)
+        yield product
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom/right so both spatial sizes divide ``multiple``."""
+    height, width = x.shape[-2:]
+    pad_h = math.ceil(height / multiple) * multiple - height
+    pad_w = math.ceil(width / multiple) * multiple - width
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h))

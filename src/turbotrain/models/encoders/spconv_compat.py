@@ -1,0 +1,55 @@
+"""Import ``spconv.pytorch`` with the one shim that makes its CPU build usable for training.
+
+spconv 2.3.8's CPU wheel runs the forward pass, but the backward kernels (and a few index helpers)
+call ``get_current_stream()``, which asks ``torch.cuda`` for the current stream and fails on a
+machine without CUDA. The CPU code paths ignore the stream value, so returning 0 there is safe.
+``spconv.pytorch.ops`` imported the function by name, so both module attributes must be replaced.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+_SHIM_MARKER = "_turbotrain_cpu_stream_shim"
+
+
+def _cpu_stream() -> int:
+    """Stand-in for spconv's ``get_current_stream`` when torch has no CUDA (CPU kernels ignore it)."""
+    return 0
+
+
+setattr(_cpu_stream, _SHIM_MARKER, True)
+
+
+def apply_cpu_stream_shim() -> bool:
+    """Patch spconv's stream lookup when CUDA is unavailable; idempotent.
+
+    Returns True when the shim is in place after the call (False on a CUDA machine, where spconv's
+    own function must stay).
+    """
+    if torch.cuda.is_available():
+        return False
+    ops = importlib.import_module("spconv.pytorch.ops")
+    cppcore = importlib.import_module("spconv.pytorch.cppcore")
+    for module in (ops, cppcore):
+        if not getattr(module.get_current_stream, _SHIM_MARKER, False):
+            module.get_current_stream = _cpu_stream
+    return True
+
+
+def spconv_available() -> bool:
+    """True when ``spconv.pytorch`` imports on this machine (a wheel matching Python/CUDA exists)."""
+    try:
+        importlib.import_module("spconv.pytorch")
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def import_spconv() -> ModuleType:
+    """``spconv.pytorch``, with the CPU stream shim applied when CUDA is unavailable."""
+    module = importlib.import_module("spconv.pytorch")
+    apply_cpu_stream_shim()
+    return module

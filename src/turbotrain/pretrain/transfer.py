@@ -1,0 +1,75 @@
+"""Move pretrained weights into a fine-tuning model, loudly.
+
+A silent no-op load (every key renamed, nothing matched) is the classic bug of this field, so the
+report lists loaded, missing and unexpected keys and loading refuses to continue if nothing matched.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from turbotrain.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+@dataclass
+class TransferReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the transferred groups, absent from the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not loadable into the model
+    shape_mismatch: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {k: len(v) for k, v in self.__dict__.items()} | {"unexpected_keys": self.unexpected[:20],
+                                                                  "missing_keys": self.missing[:20]}
+
+
+def group_state(model: nn.Module, groups: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """State-dict entries of ``model`` whose top-level module is one of ``groups``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.split(".", 1)[0] in groups}
+
+
+def save_pretrained(path: str | Path, model: nn.Module, groups: tuple[str, ...], meta: dict) -> None:
+    """Write the transferable part of a pretrained model (atomic)."""
+    payload = {"state_dict": group_state(model, groups), "groups": list(groups), "meta": meta}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> TransferReport:
+    """Copy matching tensors of a :func:`save_pretrained` file into ``model``; raise if none match."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise TransferError(f"{path}: not a pretrained checkpoint (expected keys 'state_dict', 'groups')")
+    source, groups = payload["state_dict"], tuple(payload.get("groups", ()))
+    target = model.state_dict()
+    report = TransferReport()
+    update = {}
+    for key, value in source.items():
+        if key not in target:
+            report.unexpected.append(key)
+        elif target[key].shape != value.shape:
+            report.shape_mismatch.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}")
+        else:
+            update[key] = value
+            report.loaded.append(key)
+    report.missing = [k for k in target if k.split(".", 1)[0] in groups and k not in source]
+    if not update:
+        raise TransferError(
+            f"{path}: no pretrained tensor matched the model ({len(source)} in the checkpoint, "
+            f"{len(report.unexpected)} unexpected, {len(report.shape_mismatch)} with another shape); refusing "
+            "to fine-tune from an unchanged initialisation"
+        )
+    model.load_state_dict(update, strict=False)
+    log.info("pretrained %s: loaded %d tensors, missing %d, unexpected %d, shape mismatch %d",
+             path, len(report.loaded), len(report.missing), len(report.unexpected), len(report.shape_mismatch))
+    return report

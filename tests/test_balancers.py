@@ -1,0 +1,397 @@
+"""Multi-task balancers: equivalence with plain backward / torchjd, method behaviour, properties."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchjd.aggregation import PCGrad as TorchjdPCGrad
+from torchjd.scalarization import DWA as TorchjdDWA
+from torchjd.scalarization import FAMO as TorchjdFAMO
+
+from turbotrain.train.balancers import BALANCERS, build_balancer
+from turbotrain.train.balancers.famo import FAMOBalancer
+from turbotrain.train.balancers.surgery import cagrad_weights
+from turbotrain.train.balancers.turbotrain import TurboTrainBalancer
+from turbotrain.utils.errors import ConfigError
+
+TASKS = ["det", "pred"]
+
+
+class SharedTrunkModel(nn.Module):
+    """Tiny hard-parameter-sharing model: one trunk, one head per task (float64 for tight checks)."""
+
+    def __init__(self, tasks: list[str], seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 2) for t in tasks})
+        self.inputs = torch.randn(12, 6)
+        self.targets = {t: torch.randn(12, 2) for t in tasks}
+        self.double()
+        self.inputs = self.inputs.double()
+        self.targets = {t: y.double() for t, y in self.targets.items()}
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        features = self.trunk(self.inputs)
+        return {t: (head(features) - self.targets[t]).pow(2).mean() for t, head in self.heads.items()}
+
+    def shared(self) -> list[torch.Tensor]:
+        return list(self.trunk.parameters())
+
+    def task_params(self) -> dict[str, list[torch.Tensor]]:
+        return {t: list(h.parameters()) for t, h in self.heads.items()}
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad.clone() for p in self.parameters()]
+
+    def task_gradients(self) -> torch.Tensor:
+        """``(K, N)`` per-task gradients of the trunk, computed independently of the balancers."""
+        rows = []
+        for loss in self.losses().values():
+            grads = torch.autograd.grad(loss, self.shared(), retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        return torch.stack(rows)
+
+
+def run_balancer(balancer, model: SharedTrunkModel) -> dict[str, float]:
+    model.zero_grad(set_to_none=True)
+    return balancer.backward(model.losses(), model.shared(), model.task_params())
+
+
+def shared_grad(model: SharedTrunkModel) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.shared()])
+
+
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_sum_equals_plain_backward(diagnostics):
+    model = SharedTrunkModel(TASKS)
+    model.zero_grad(set_to_none=True)
+    sum(model.losses().values()).backward()
+    expected = model.grads()
+    out = run_balancer(build_balancer("sum", TASKS, diagnostics=diagnostics), model)
+    for got, want in zip(model.grads(), expected):
+        torch.testing.assert_close(got, want)
+    assert out["weight/det"] == 1.0 and out["weight/pred"] == 1.0
+    assert ("gradnorm/det" in out) == diagnostics
+
+
+def test_fixed_equals_weighted_backward():
+    model = SharedTrunkModel(TASKS)
+    model.zero_grad(set_to_none=True)
+    losses = model.losses()
+    (0.25 * losses["det"] + 3.0 * losses["pred"]).backward()
+    expected = model.grads()
+    run_balancer(build_balancer("fixed", TASKS, weights={"det": 0.25, "pred": 3.0}), model)
+    for got, want in zip(model.grads(), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_diagnostics_match_independent_task_gradients():
+    model = SharedTrunkModel(TASKS)
+    jac = model.task_gradients()
+    out = run_balancer(build_balancer("fixed", TASKS, weights={"det": 2.0}, diagnostics=True), model)
+    cosine = (jac[0] @ jac[1] / (jac[0].norm() * jac[1].norm())).item()
+    assert out["gradnorm/det"] == pytest.approx(jac[0].norm().item())
+    assert out["gradnorm/pred"] == pytest.approx(jac[1].norm().item())
+    assert out["cosine"] == pytest.approx(cosine) and out["cosine/det-pred"] == pytest.approx(cosine)
+    assert out["conflict"] == float(cosine < 0)
+    torch.testing.assert_close(shared_grad(model), 2.0 * jac[0] + jac[1])
+
+
+@pytest.mark.parametrize("name", BALANCERS.names())
+def test_gradient_accumulation_adds(name):
+    model = SharedTrunkModel(TASKS)
+    run_balancer(build_balancer(name, TASKS), model)
+    once = model.grads()
+    balancer = build_balancer(name, TASKS)
+    model.zero_grad(set_to_none=True)
+    balancer.backward(model.losses(), model.shared(), model.task_params())
+    balancer.backward(model.losses(), model.shared(), model.task_params())
+    for got, single in zip(model.grads(), once):
+        torch.testing.assert_close(got, 2 * single)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "turbotrain", "fixed"])
+def test_head_params_get_only_their_own_task_gradient(name):
+    model = SharedTrunkModel(TASKS)
+    options = {"weights": {"det": 0.5, "pred": 2.0}} if name == "fixed" else {}
+    head_weight = {"det": 0.5, "pred": 2.0} if name == "fixed" else {"det": 1.0, "pred": 1.0}
+    run_balancer(build_balancer(name, TASKS, **options), model)
+    losses = model.losses()
+    for task, head in model.heads.items():
+        own = torch.autograd.grad(losses[task], list(head.parameters()))
+        for param, g in zip(head.parameters(), own):
+            torch.testing.assert_close(param.grad, head_weight[task] * g)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_pcgrad_matches_torchjd(num_tasks):
+    tasks = TASKS[:num_tasks] if num_tasks == 2 else ["a", "b", "c"]
+    model = SharedTrunkModel(tasks, seed=3)
+    jac = model.task_gradients()
+    for seed in range(4):
+        run_balancer(build_balancer("pcgrad", tasks, seed=seed), model)
+        # torchjd draws its orders from the global generator; seeding it the same aligns the orders.
+        torch.manual_seed(seed)
+        torch.testing.assert_close(shared_grad(model), TorchjdPCGrad()(jac))
+
+
+def test_pcgrad_removes_conflict_for_two_tasks():
+    model = SharedTrunkModel(TASKS, seed=1)
+    jac = model.task_gradients()
+    out = run_balancer(build_balancer("pcgrad", TASKS), model)
+    update = shared_grad(model)
+    assert out["conflict"] == float((jac[0] @ jac[1]).item() < 0)
+    assert torch.all(jac @ update >= -1e-12)
+
+
+def brute_force_cagrad(jac: torch.Tensor, c: float) -> torch.Tensor:
+    """CAGrad for 2 tasks by a dense grid over the simplex (independent of the SLSQP solver)."""
+    g0 = jac.mean(dim=0)
+    sqrt_phi = c * g0.norm()
+    ws = torch.linspace(0, 1, 200001, dtype=jac.dtype)
+    gw = ws[:, None] * jac[0] + (1 - ws[:, None]) * jac[1]
+    best = (gw @ g0 + sqrt_phi * gw.norm(dim=1)).argmin()
+    return (g0 + sqrt_phi / gw[best].norm() * gw[best]) / (1 + c**2)
+
+
+@pytest.mark.parametrize("c", [0.4, 0.8])
+def test_cagrad_matches_brute_force_minimiser(c):
+    model = SharedTrunkModel(TASKS, seed=2)
+    jac = model.task_gradients()
+    run_balancer(build_balancer("cagrad", TASKS, c=c), model)
+    torch.testing.assert_close(shared_grad(model), brute_force_cagrad(jac, c), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_cagrad_matches_torchjd(num_tasks):
+    pytest.importorskip("cvxpy", reason="torchjd's CAGrad needs the torchjd[cagrad] extra (cvxpy)")
+    from torchjd.aggregation import CAGrad as TorchjdCAGrad
+
+    tasks = TASKS if num_tasks == 2 else ["a", "b", "c"]
+    model = SharedTrunkModel(tasks, seed=5)
+    jac = model.task_gradients()
+    run_balancer(build_balancer("cagrad", tasks, c=0.4), model)
+    # torchjd omits the official implementation's 1 / (1 + c^2) rescaling.
+    expected = TorchjdCAGrad(c=0.4)(jac) / (1 + 0.4**2)
+    torch.testing.assert_close(shared_grad(model), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cagrad_zero_gradients_give_zero_update():
+    assert torch.equal(cagrad_weights(torch.zeros(2, 2), 0.4), torch.zeros(2))
+
+
+def test_uncertainty_log_variances_move_towards_loss_scale():
+    balancer = build_balancer("uncertainty", TASKS)
+    optimizer = torch.optim.SGD(balancer.parameters(), lr=0.1)
+    theta = torch.zeros(1, requires_grad=True)
+    for _ in range(20):
+        optimizer.zero_grad()
+        # A large loss should be down-weighted (s grows), a small one up-weighted (s shrinks).
+        losses = {"det": 4.0 + theta.sum(), "pred": 0.25 + theta.sum()}
+        s_used = balancer.log_variances.tolist()
+        out = balancer.backward(losses, [theta])
+        optimizer.step()
+    s_det, s_pred = balancer.log_variances.tolist()
+    assert s_det > 0 > s_pred
+    assert out["weight/det"] == pytest.approx(0.5 * math.exp(-s_used[0]))
+    assert "uw.log_var" in balancer.state_dict()
+
+
+def test_dwa_weights_from_known_epoch_losses():
+    balancer = build_balancer("dwa", TASKS)
+    theta = torch.zeros(1, requires_grad=True)
+    losses = {"det": 1.0 + theta.sum(), "pred": 2.0 + theta.sum()}
+    assert balancer.backward(losses, [theta])["weight/det"] == 1.0  # uniform before two epochs
+    balancer.end_epoch({"det": 1.0, "pred": 2.0})
+    balancer.end_epoch({"det": 0.5, "pred": 1.8})
+    theta.grad = None
+    out = balancer.backward({"det": 1.0 + theta.sum(), "pred": 2.0 + theta.sum()}, [theta])
+    # r = (0.5, 0.9); w_i = 2 exp(r_i / 2) / (exp(0.25) + exp(0.45))
+    denom = math.exp(0.25) + math.exp(0.45)
+    assert out["weight/det"] == pytest.approx(2 * math.exp(0.25) / denom)
+    assert out["weight/pred"] == pytest.approx(2 * math.exp(0.45) / denom)
+    assert theta.grad.item() == pytest.approx(2.0)  # the weights always sum to K
+
+
+def test_dwa_matches_torchjd_and_survives_state_dict():
+    balancer = build_balancer("dwa", TASKS)
+    reference = TorchjdDWA()
+    history = [(1.0, 2.0), (0.7, 1.9), (0.6, 1.2)]
+    for det, pred in history:
+        reference(torch.tensor([det, pred]))
+        reference.step()
+        balancer.end_epoch({"det": det, "pred": pred})
+    restored = build_balancer("dwa", TASKS)
+    restored.load_state_dict(balancer.state_dict())
+    expected = reference._compute_weights(torch.ones(2))
+    torch.testing.assert_close(restored.loss_weights(torch.ones(2)), expected)
+
+
+def toy_famo_losses(theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``det`` is steep (falls fast under SGD), ``pred`` is shallow (falls slowly)."""
+    return {"det": 5.0 * theta[0] ** 2 + 0.01, "pred": 0.05 * theta[1] ** 2 + 0.01}
+
+
+def test_famo_shifts_weight_to_slower_task_and_matches_torchjd():
+    balancer = build_balancer("famo", TASKS)
+    reference = TorchjdFAMO(2)
+    theta = torch.tensor([1.0, 1.0], requires_grad=True)
+    optimizer = torch.optim.SGD([theta], lr=0.05)
+    for _ in range(15):
+        optimizer.zero_grad()
+        losses = toy_famo_losses(theta)
+        scalarized = reference(torch.stack(list(losses.values())))
+        expected_grad = torch.autograd.grad(scalarized, theta, retain_graph=True)[0]
+        balancer.backward(losses, [theta])
+        torch.testing.assert_close(theta.grad, expected_grad)
+        optimizer.step()
+        with torch.no_grad():
+            after = toy_famo_losses(theta)
+        balancer.update(after)
+        reference.update(torch.stack(list(after.values())))
+    z_det, z_pred = balancer.task_weights().tolist()
+    assert z_pred > z_det
+    torch.testing.assert_close(balancer.logits.value, reference._w.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_famo_state_is_checkpointed_and_not_a_parameter():
+    balancer = build_balancer("famo", TASKS)
+    theta = torch.tensor([1.0, 1.0], requires_grad=True)
+    balancer.backward(toy_famo_losses(theta), [theta])
+    balancer.update({"det": torch.tensor(1.0), "pred": torch.tensor(0.05)})
+    restored = FAMOBalancer(TASKS)
+    restored.load_state_dict(balancer.state_dict())
+    assert list(balancer.parameters()) == []
+    torch.testing.assert_close(restored.task_weights(), balancer.task_weights())
+    assert int(restored.logits.steps) == 1
+
+
+def test_famo_update_requires_backward_first():
+    with pytest.raises(RuntimeError):
+        build_balancer("famo", TASKS).update({"det": torch.tensor(1.0), "pred": torch.tensor(1.0)})
+
+
+def turbotrain_reference(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The rule of turbotrain.py's docstring, written directly on vectors, block by block."""
+    out = []
+    for g in blocks:  # g: (K, n)
+        norms = g.norm(dim=1)
+        cos = [(g[i] @ g[j] / (norms[i] * norms[j])).item() for i in range(len(g)) for j in range(len(g)) if i != j]
+        severity = max(0.0, -min(cos))
+        h = [((1 - severity) + severity * norms.mean() / norms[i]) * g[i] for i in range(len(g))]
+        projected = []
+        for i in range(len(h)):
+            hi = h[i].clone()
+            for j in range(len(h)):
+                if j != i and hi @ h[j] < 0:
+                    hi = hi - (hi @ h[j]) / (h[j] @ h[j]) * h[j]
+            projected.append(hi)
+        out.append(torch.stack(projected).sum(dim=0))
+    return torch.cat(out)
+
+
+def block_split(jac: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(jac, sizes, dim=1))
+
+
+def combine_turbotrain(jac: torch.Tensor, sizes: list[int], granularity: str = "tensor"):
+    balancer = TurboTrainBalancer(["a", "b", "c"][: jac.shape[0]], granularity=granularity)
+    return balancer.combine(jac, jac @ jac.T, sizes)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_turbotrain_matches_reference_rule(num_tasks):
+    torch.manual_seed(7)
+    sizes = [5, 3, 8, 1, 6]
+    jac = torch.randn(num_tasks, sum(sizes), dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2][:num_tasks])[:, None].double()
+    combined, _, _ = combine_turbotrain(jac, sizes)
+    torch.testing.assert_close(combined, turbotrain_reference(block_split(jac, sizes)))
+    global_combined, _, _ = combine_turbotrain(jac, sizes, granularity="global")
+    torch.testing.assert_close(global_combined, turbotrain_reference([jac]))
+
+
+def test_turbotrain_without_conflict_equals_sum():
+    torch.manual_seed(0)
+    base = torch.rand(2, 12, dtype=torch.float64)  # non-negative entries: every block agrees
+    jac = base * torch.tensor([[1.0], [7.0]], dtype=torch.float64)  # very unequal magnitudes
+    combined, weights, extra = combine_turbotrain(jac, [4, 4, 4])
+    torch.testing.assert_close(combined, jac.sum(dim=0))
+    assert weights.tolist() == [1.0, 1.0] and extra["conflict_fraction"] == 0.0
+
+
+def test_turbotrain_opposite_block_cancels_and_other_blocks_untouched():
+    agree = torch.tensor([[1.0, 2.0], [3.0, 1.0]], dtype=torch.float64)
+    opposite = torch.tensor([[2.0, -1.0, 0.5], [-4.0, 2.0, -1.0]], dtype=torch.float64)  # g2 = -2 g1
+    jac = torch.cat([agree, opposite], dim=1)
+    combined, _, extra = combine_turbotrain(jac, [2, 3])
+    torch.testing.assert_close(combined[:2], agree.sum(dim=0))
+    torch.testing.assert_close(combined[2:], torch.zeros(3, dtype=torch.float64))
+    assert extra["conflict_fraction"] == pytest.approx(3 / 5)
+
+
+def test_turbotrain_partial_conflict_hand_computed():
+    # g1 = (2, 0), g2 = (-1, 1): cos = -1/sqrt2 = -s; mean norm m = (2 + sqrt2) / 2.
+    jac = torch.tensor([[2.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    s, m = 1 / math.sqrt(2), (2 + math.sqrt(2)) / 2
+    a1, a2 = (1 - s) + s * m / 2, (1 - s) + s * m / math.sqrt(2)
+    h1, h2 = torch.tensor([2 * a1, 0.0]), torch.tensor([-a2, a2])
+    h1_proj = h1 - (h1 @ h2) / (h2 @ h2) * h2
+    h2_proj = h2 - (h1 @ h2) / (h1 @ h1) * h1  # = (0, a2): the component along g1 is removed
+    combined, _, _ = combine_turbotrain(jac, [2])
+    torch.testing.assert_close(combined, (h1_proj + h2_proj).double())
+    assert h2_proj[0].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_turbotrain_update_never_opposes_a_task_in_any_block():
+    torch.manual_seed(3)
+    sizes = [7, 2, 9, 4, 3, 11]
+    for _ in range(20):
+        jac = torch.randn(2, sum(sizes), dtype=torch.float64) * torch.rand(2, 1, dtype=torch.float64) * 5
+        combined, _, _ = combine_turbotrain(jac, sizes)
+        for g_block, d_block in zip(block_split(jac, sizes), torch.split(combined, sizes)):
+            assert torch.all(g_block @ d_block >= -1e-10)
+
+
+def test_turbotrain_on_model_reports_conflict_diagnostics():
+    model = SharedTrunkModel(TASKS, seed=4)
+    jac = model.task_gradients()
+    out = run_balancer(build_balancer("turbotrain", TASKS), model)
+    sizes = [p.numel() for p in model.shared()]
+    torch.testing.assert_close(shared_grad(model), turbotrain_reference(block_split(jac, sizes)))
+    assert 0.0 <= out["conflict_fraction"] <= 1.0
+    assert {"gradnorm/det", "gradnorm/pred", "cosine", "conflict", "weight/det"} <= set(out)
+
+
+def test_turbotrain_trailing_fraction_balances_only_the_last_layers():
+    model = SharedTrunkModel(TASKS, seed=4)
+    jac = model.task_gradients()
+    sizes = [p.numel() for p in model.shared()]  # [96, 16, 128, 8]: last Linear = 136 of 248
+    run_balancer(build_balancer("turbotrain", TASKS, trailing_fraction=0.5), model)
+    update = shared_grad(model)
+    torch.testing.assert_close(update[:112], jac[:, :112].sum(dim=0))
+    torch.testing.assert_close(update[112:], turbotrain_reference(block_split(jac[:, 112:], sizes[2:])))
+
+
+def test_pcgrad_orders_resume_from_state_dict():
+    model = SharedTrunkModel(["a", "b", "c"], seed=3)
+    balancer = build_balancer("pcgrad", ["a", "b", "c"], seed=11)
+    run_balancer(balancer, model)
+    resumed = build_balancer("pcgrad", ["a", "b", "c"], seed=0)
+    resumed.load_state_dict(balancer.state_dict())
+    assert resumed.random_orders() == balancer.random_orders()
+
+
+def test_build_balancer_rejects_unknown_names_and_options():
+    with pytest.raises(KeyError):
+        build_balancer("mgda", TASKS)
+    with pytest.raises(ConfigError):
+        build_balancer("cagrad", TASKS, alpha=0.5)
+    with pytest.raises(ConfigError):
+        build_balancer("fixed", TASKS, weights={"seg": 1.0})
+    with pytest.raises(ConfigError):
+        build_balancer("turbotrain", TASKS, trailing_fraction=0.0)
+    with pytest.raises(KeyError):
+        build_balancer("sum", TASKS).backward({"det": torch.tensor(1.0)}, [])
