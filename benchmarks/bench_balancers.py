@@ -26,6 +26,7 @@ from turbotrain.utils.seed import seed_everything
 
 OUT = Path(__file__).parent / "out" / "bench_balancers.json"
 TASKS = ["detection", "prediction"]
+LossFn = Callable[[], dict[str, torch.Tensor]]
 # (label, registry name, options): every registered balancer with defaults, plus TurboTrain
 # restricted to the layers after the encoder / to fusion + temporal (see turbotrain.py).
 VARIANTS = [(name, name, {}) for name in BALANCERS.names()] + [
@@ -108,7 +109,7 @@ def build_problem(device: torch.device):
 class Trainer:
     """One balancer, its optimiser and one timed step."""
 
-    def __init__(self, variant: tuple[str, str, dict], model: nn.Module, losses: Callable[[], dict[str, torch.Tensor]], state: dict):
+    def __init__(self, variant: tuple[str, str, dict], model: nn.Module, losses: LossFn, state: dict):
         self.label, self.name, options = variant
         self.model, self.losses = model, losses
         self.balancer = build_balancer(self.name, TASKS, **options).to(next(model.parameters()).device)
@@ -181,12 +182,13 @@ def main() -> None:
     clock_name = "wall" if torch.cuda.is_available() else "process CPU"
     print(f"model: {description}; device {args.device}; {clock_name} time; {args.rounds} rounds; K=2")
     print(f"{'balancer':<15} {'median ms':>10} {'x sum':>7} {'min ms':>8} {'x sum':>7}")
-    for row in sorted(rows, key=lambda r: r["min_relative_to_sum"]):
+    for row in sorted(rows, key=lambda r: r["relative_to_sum"]):
         print(
             f"{row['balancer']:<15} {row['median_ms']:>10.1f} {row['relative_to_sum']:>7.2f}"
             f" {row['min_ms']:>8.1f} {row['min_relative_to_sum']:>7.2f}"
         )
-    write_json(OUT, {"model": description, "device": args.device, "clock": clock_name, "rounds": args.rounds, "rows": rows})
+    summary = {"model": description, "device": args.device, "clock": clock_name, "rounds": args.rounds, "rows": rows}
+    write_json(OUT, summary)
     print(f"wrote {OUT}")
 
 

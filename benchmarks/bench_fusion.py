@@ -33,7 +33,7 @@ def synthetic_root(workdir: Path) -> Path:
     from turbotrain.data.synth import generate_dataset
 
     root = workdir / "raw"
-    generate_dataset(root, preset="smoke", seed=0)
+    generate_dataset(root, preset="smoke", seed=0, progress=False)
     return root
 
 
@@ -76,11 +76,28 @@ def time_voxelizer(backend: str, clouds: list[np.ndarray], repeats: int) -> floa
     return best
 
 
+def dense_clouds(points: int, count: int) -> list[np.ndarray]:
+    """Uniform clouds over the grid at a real sensor's size (~10^5 points), which smoke clouds are not."""
+    rng = np.random.default_rng(0)
+    low, high = np.array(GRID.point_cloud_range[:3]), np.array(GRID.point_cloud_range[3:])
+    return [np.hstack([rng.uniform(low - 5, high + 5, (points, 3)), rng.uniform(0, 1, (points, 1))]).astype(np.float32)
+            for _ in range(count)]
+
+
+def compare_voxelizers(clouds: list[np.ndarray], repeats: int) -> dict:
+    row = {"clouds": len(clouds), "points": int(sum(len(c) for c in clouds)), "numpy_s": time_voxelizer("numpy", clouds, repeats)}
+    if spconv_available():
+        row["spconv_s"] = time_voxelizer("spconv", clouds, repeats)
+        row["numpy_over_spconv"] = row["numpy_s"] / row["spconv_s"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, help="an OpenCOOD-layout root (default: generate the smoke preset)")
     parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     parser.add_argument("--clouds", type=int, default=40, help="clouds for the voxeliser comparison")
+    parser.add_argument("--dense-points", type=int, default=120000, help="points per dense cloud")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_fusion_") as tmp:
@@ -88,22 +105,20 @@ def main() -> None:
         raw = args.raw or synthetic_root(workdir)
         fusion = time_fusion(raw, args.splits, workdir)
         clouds = some_clouds(raw, args.splits[0], args.clouds)
-    points = int(sum(len(c) for c in clouds))
-    voxel = {"clouds": len(clouds), "points": points, "numpy_s": time_voxelizer("numpy", clouds, args.repeats)}
-    if spconv_available():
-        voxel["spconv_s"] = time_voxelizer("spconv", clouds, args.repeats)
-        voxel["numpy_over_spconv"] = voxel["numpy_s"] / voxel["spconv_s"]
+    voxel = {"smoke": compare_voxelizers(clouds, args.repeats),
+             "dense": compare_voxelizers(dense_clouds(args.dense_points, count=5), args.repeats)}
     result = {"machine": platform.processor() or platform.machine(), "grid": GRID.grid_size, "fusion": fusion, "voxelize": voxel}
     write_json(OUT, result)
     print(f"fusion ({' + '.join(args.splits)}): {fusion['samples']} samples, {fusion['frames']} frames, {fusion['points']} points "
           f"in {fusion['seconds']:.2f} s: {fusion['samples_per_s']:.1f} samples/s, {fusion['points_per_s'] / 1e6:.2f} M points/s")
-    print(f"{'voxeliser':<10}{'clouds':>8}{'points':>10}{'seconds':>10}{'M pts/s':>10}")
-    for backend in ("numpy", "spconv"):
-        if f"{backend}_s" in voxel:
-            seconds = voxel[f"{backend}_s"]
-            print(f"{backend:<10}{len(clouds):>8}{points:>10}{seconds:>10.4f}{points / seconds / 1e6:>10.2f}")
-    if "numpy_over_spconv" in voxel:
-        print(f"numpy / spconv time ratio: {voxel['numpy_over_spconv']:.2f}")
+    print(f"{'clouds':<8}{'voxeliser':<10}{'n':>5}{'points':>10}{'seconds':>10}{'M pts/s':>9}{'numpy/spconv':>14}")
+    for name, row in voxel.items():
+        for backend in ("numpy", "spconv"):
+            if f"{backend}_s" in row:
+                seconds = row[f"{backend}_s"]
+                ratio = f"{row['numpy_over_spconv']:.2f}" if backend == "spconv" else ""
+                print(f"{name:<8}{backend:<10}{row['clouds']:>5}{row['points']:>10}{seconds:>10.4f}"
+                      f"{row['points'] / seconds / 1e6:>9.2f}{ratio:>14}")
     print(f"wrote {OUT}")
 
 

@@ -261,6 +261,7 @@ def test_bad_frame_skipped_and_reported(tmp_path):
         fuse(raw, tmp_path / "strict")
     summary = fuse(raw, tmp_path / "lenient", on_bad_frame="skip")
     assert summary["skipped"]["bad_inputs_by_field"] == {"lidar_pose": 1}
+    assert summary["skipped"]["bad_frames"] == 1
     manifest = _manifest(tmp_path / "lenient")
     # Ego 2 lost its frame at t = 2, so its samples needing it (t = 1, 2, 3) are gone.
     assert not any(sid.startswith("train/scene_a/2/") for sid in manifest["sample_ids"])

@@ -332,23 +332,3 @@ def test_winner_take_all_loss_trains_only_the_closest_mode():
     assert loss["classification"].item() < 1e-3
     loss["total"].backward()
     assert trajectories.grad[0, 0, [0, 2]].abs().sum() == 0
-
-
-# ----------------------------------------------------------------------------------------- figure
-def test_plot_predictions_writes_a_png_atomically(tmp_path):
-    from turbotrain.viz.predictions import plot_predictions
-
-    rng = np.random.default_rng(0)
-    points = {0: rng.uniform(-12, 12, (300, 4)), -1: rng.uniform(-12, 12, (200, 4))}
-    gt_boxes = np.array([[3.0, 2.0, -1.0, 4.5, 2.0, 1.6, 0.4]])
-    gt_future = np.stack([np.linspace(3.5, 6.0, 4), np.linspace(2.2, 3.2, 4), np.zeros(4)], axis=1)[None]
-    pred = {
-        "boxes": np.array([[3.1, 2.1, -1.0, 4.4, 2.0, 1.6, 0.35]], np.float32),
-        "scores": np.array([0.9], np.float32),
-        "classes": np.array([0]),
-        "trajectories": gt_future[:, None, :, :2].repeat(3, axis=1) + np.array([0.0, 1.0, -1.0])[None, :, None, None],
-        "mode_probs": np.array([[0.7, 0.2, 0.1]], np.float32),
-    }
-    out = plot_predictions(points, gt_boxes, pred, gt_future, tmp_path / "fig" / "pred.png", GRID)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in out.parent.iterdir()] == ["pred.png"]  # no .partial left behind

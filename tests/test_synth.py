@@ -11,7 +11,7 @@ from turbotrain.data.opencood import index_split, read_agent_frame, read_lanes, 
 from turbotrain.data.synth import PRESETS, generate_dataset, resolve_config
 from turbotrain.data.synth.lidar import GROUND, NO_HIT, VEHICLE, LidarSpec, RayHits, cast_rays, returns_from_hits, scan
 from turbotrain.data.synth.polyline import Polyline
-from turbotrain.data.synth.scene import SceneParams, SignalPlan, build_corridor, build_intersection
+from turbotrain.data.synth.scene import SceneParams, SignalPlan, build_corridor, build_intersection, stratified_kinds
 from turbotrain.data.synth.traffic import TrafficParams, TrafficSimulator
 from turbotrain.geometry import pose_to_matrix, points_in_boxes, transform_points, wrap_angle
 from turbotrain.utils.errors import ConfigError
@@ -56,6 +56,13 @@ def test_same_seed_gives_byte_identical_files(smoke, tmp_path):
     first, second = _file_hashes(root), _file_hashes(tmp_path)
     assert len(first) > 100
     assert first == second
+
+
+def test_worker_count_does_not_change_the_files(tmp_path):
+    overrides = {"splits": {"train": 2}, "frames": 2}
+    generate_dataset(tmp_path / "one", "smoke", seed=SEED, overrides={**overrides, "workers": 1}, progress=False)
+    generate_dataset(tmp_path / "two", "smoke", seed=SEED, overrides={**overrides, "workers": 2}, progress=False)
+    assert _file_hashes(tmp_path / "one") == _file_hashes(tmp_path / "two")
 
 
 def test_other_seed_gives_other_data(tmp_path):
@@ -229,7 +236,11 @@ def test_range_noise_has_the_configured_spread():
 
 def test_intensity_is_higher_for_bright_surfaces_hit_head_on():
     spec = _exact(beams=1, horizontal_resolution=90.0)
-    hits = RayHits(np.array([[10.0, 10.0, 10.0, np.inf]]), np.array([[VEHICLE, GROUND, VEHICLE, NO_HIT]]), np.array([[1.0, 0.1, 0.1, 0.0]]))
+    hits = RayHits(
+        distance=np.array([[10.0, 10.0, 10.0, np.inf]]),
+        material=np.array([[VEHICLE, GROUND, VEHICLE, NO_HIT]]),
+        cos_incidence=np.array([[1.0, 0.1, 0.1, 0.0]]),
+    )
     intensity = returns_from_hits(hits, spec, np.random.default_rng(0))[:, 3]
     assert len(intensity) == 3  # the miss gives no return
     assert intensity[0] > intensity[2] > intensity[1]
@@ -257,6 +268,28 @@ def test_routes_are_smooth_and_conflicts_are_symmetric():
     oncoming = next(r for r in scene.vehicle_routes if r.entry == 2 and r.turn == "straight")
     assert scene.conflicts[left.index, oncoming.index]
     assert any(w.crossings for w in scene.walk_routes)
+
+
+def test_every_split_mixes_scene_kinds_as_the_share_asks(smoke):
+    _, summary = smoke
+    kinds = [s["kind"] for s in summary["scenarios"] if s["split"] == "train"]
+    assert sorted(kinds) == ["corridor", "intersection"]  # 2 scenarios, share 0.6 -> 1 of each
+    rng = np.random.default_rng(0)
+    assert stratified_kinds(10, 0.6, rng).count("intersection") == 6
+    assert stratified_kinds(1, 0.6, rng) == ["intersection"]
+
+
+def test_connected_vehicles_are_placed_even_in_dense_traffic():
+    scene = build_corridor(SceneParams(arm_length=80.0), np.random.default_rng(1))
+    sim = TrafficSimulator(scene, TrafficParams(vehicle_rate=2.0), np.random.default_rng(1))
+    sim.populate()
+    horizon = 15.0
+    cavs = [sim.add_connected_vehicle(track_id=i, horizon_s=horizon) for i in (1, 2, 3)]
+    assert [c.track_id for c in cavs] == [1, 2, 3] and all(c.persistent for c in cavs)
+    assert len({c.track_id for c in sim.actors}) == len(sim.actors)
+    for _ in range(int(horizon / DT)):
+        sim.step()
+    assert all(c in sim.actors and c.s < c.path.length for c in cavs)  # still on the map
 
 
 def test_polyline_extrapolates_past_its_end():

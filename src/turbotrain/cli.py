@@ -94,6 +94,13 @@ def _cmd_figures(args, config):
     write_figure(config, args.figure, args.metrics, args.out, args.cache or cache)
 
 
+def _cmd_show_masking(args, config):
+    from turbotrain.viz.pretraining import render_masking_example
+
+    render_masking_example(config, args.cache, args.variant, args.checkpoint, args.out, fusion=args.fusion,
+                           index=args.index, split=args.split)
+
+
 def _cmd_runs(args, config):
     from turbotrain.experiments import expand_runs
 
@@ -168,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="fusion cache root (qualitative figure)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_figures)
+
+    p = sub.add_parser("show-masking", help="draw masked cells and reconstructed vs real points of one sample")
+    _common(p)
+    p.add_argument("--variant", required=True, help="name of a pretrain.variants entry")
+    p.add_argument("--fusion", default="attfuse")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--checkpoint", default=None,
+                   help="the pretraining run's objective.pt or last.pt (pretrained.pt lacks the decoder); none = untrained")
+    p.add_argument("--split", default="val")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_show_masking)
 
     p = sub.add_parser("runs", help="list the runs of the experiment grid (metrics paths)")
     _common(p)

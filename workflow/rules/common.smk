@@ -56,8 +56,15 @@ def table_targets():
     return [f"results/tables/{t}.csv" for t in TABLES]
 
 
+def masking_figures():
+    """One masking picture per pretrained (fusion, variant) pair of the grid."""
+    pairs = sorted({(r.trained_fusion, r.pretrain) for r in RUNS
+                    if config["pretrain"]["variants"][r.pretrain]["type"] != "none"})
+    return [f"results/figures/{DATASET}_masking_{f}_{p}.png" for f, p in pairs]
+
+
 def figure_targets():
-    return [
+    return masking_figures() + [
         "results/figures/learning_curves.png",
         "results/figures/gradient_conflict.png",
         "results/figures/ap_vs_time.png",

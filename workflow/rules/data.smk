@@ -9,6 +9,7 @@ if config["dataset"]["source"] == "synthetic":
         params:
             cfg=EFFECTIVE_CONFIG,
             depends=section_hash("dataset", "seed"),
+        threads: config["dataset"]["synthetic_overrides"].get("workers", 1)
         log:
             f"logs/generate/{DATASET}.log",
         benchmark:

@@ -5,6 +5,8 @@
 rule finetune:
     input:
         train=cache_split("train"),
+        # the training curve scores `evaluation.curve_samples` val samples at each checkpoint
+        val=cache_split("val"),
         pretrained=pretrained_input,
     output:
         checkpoint="runs/finetune/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}/final.pt" % DATASET,

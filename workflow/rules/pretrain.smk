@@ -24,3 +24,20 @@ rule pretrain:
     shell:
         "{params.launch} pretrain --config {params.cfg} --variant {wildcards.pretrain} --fusion {wildcards.fusion}"
         " --cache {params.root} --out {params.run_dir} > {log} 2>&1"
+
+
+rule show_masking:
+    input:
+        pretrained=pretrain_path(DATASET, "{fusion}", "{pretrain}"),
+        val=cache_split("val"),
+    output:
+        f"results/figures/{DATASET}_masking_{{fusion}}_{{pretrain}}.png",
+    params:
+        cfg=EFFECTIVE_CONFIG,
+        root=f"{config['cache']['root']}/{DATASET}",
+        objective=lambda w, input: os.path.join(os.path.dirname(input.pretrained), "objective.pt"),
+    log:
+        f"logs/show_masking/{DATASET}_{{fusion}}_{{pretrain}}.log",
+    shell:
+        "turbotrain show-masking --config {params.cfg} --variant {wildcards.pretrain} --fusion {wildcards.fusion}"
+        " --cache {params.root} --checkpoint {params.objective} --split val --out {output} > {log} 2>&1"

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from turbotrain.data.records import INFRASTRUCTURE, VEHICLE, AgentFrameRecord, ObjectRecord, ScenarioIndex
 from turbotrain.data.voxelize import Voxelizer, sort_voxels
-from turbotrain.geometry import pose_to_matrix, relative_transform, transform_boxes, transform_xy_yaw
+from turbotrain.geometry import points_in_boxes, pose_to_matrix, relative_transform, transform_boxes, transform_xy_yaw
 from turbotrain.grid import Grid
 from turbotrain.utils.atomic import write_json, write_npz
 
@@ -151,7 +151,7 @@ def build_cache(
 
 
 class ScenarioReader:
-    """One scenario's frames, each YAML read at most once without points; counts unreadable frames."""
+    """One scenario's frames: poses and labels cached per frame, points read when voxelised; counts bad frames."""
 
     def __init__(self, read_agent_frame: Callable[..., AgentFrameRecord | None], index: ScenarioIndex):
         self.index = index
@@ -264,9 +264,20 @@ class LabelMaker:
                 self.unknown_types[obj.obj_type] += 1
                 continue
             box = transform_boxes(obj.box, map_to_ego)[0]
+            if _holds_ego_sensor(box):
+                continue
             if x_min <= box[0] < x_max and y_min <= box[1] < y_max:
                 kept.append((track_id, box, cls))
         return kept
+
+
+def _holds_ego_sensor(box: np.ndarray) -> bool:
+    """The ego vehicle itself, annotated by a cooperator: not an object the ego has to detect.
+
+    OpenCOOD drops it by id; ids are not comparable across agents in every dataset, so we drop the
+    box whose footprint holds the ego's sensor (the ego-frame origin).
+    """
+    return bool(points_in_boxes(np.array([[0.0, 0.0, box[2]]]), box[None])[0, 0])
 
 
 def _track_states(track_ids: np.ndarray, steps: list[dict[int, ObjectRecord]], map_to_ego: np.ndarray):

@@ -91,7 +91,7 @@ METRICS_SCHEMA = {
             "required": list(TRAINING_KEYS),
             "properties": {
                 **{key: _NON_NEGATIVE for key in ("wall_s", "gpu_hours", "cpu_hours")},
-                "epochs": {"type": "integer", "minimum": 0},
+                "epochs": {"type": "number", "minimum": 0},  # fractional when a run stops mid-epoch
                 "steps": {"type": "integer", "minimum": 0},
                 "device": {"type": "string"},
                 "curve": {
@@ -160,6 +160,7 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
     """One flat row: run keys, ``run_id``, ``ap@0.5/car``, ``map@0.5``, ``map@0.5/0-30m``, ``min_ade``..."""
     row = {key: document["run"][key] for key in RUN_KEYS}
     row["run_id"] = document["run"].get("run_id", run_id)
+    row["recipe"] = document["run"].get("recipe", "joint")  # optional: metrics of other tools lack it
     detection = document["detection"]
     row.update(_flatten_ap(detection, suffix=""))
     for label, block in detection.get("range", {}).items():

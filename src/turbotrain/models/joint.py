@@ -32,6 +32,8 @@ def build_encoder(cfg: dict, grid: Grid, size: str) -> nn.Module:
     """``ENCODERS.build`` after importing the encoders package, which registers them."""
     importlib.import_module("turbotrain.models.encoders")
     options = {k: v for k, v in cfg.items() if k != "name"}
+    if cfg["name"] == "pointpillars":
+        options.pop("backend", None)  # pillars scatter to a dense canvas: no sparse-conv backend to pick
     return ENCODERS.build(cfg["name"], grid=grid, size=size, **options)
 
 

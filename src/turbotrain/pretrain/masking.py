@@ -10,11 +10,12 @@ all agents there. A share ``mask_ratio`` of the non-empty cells is masked:
 
 Masked voxels keep their coordinates (so occupancy still reaches the encoder, as in CooPre: a
 documented design choice) but their features are replaced by a learnable token (see
-:mod:`turbotrain.pretrain.objective`).
+:mod:`turbotrain.pretrain.objective`), and their points by a content-free placeholder
+(:func:`conceal_masked_voxels`) before any layer sees them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +30,7 @@ class MaskPlan:
     nonempty_cells: int  # number of (sample, step, cell) triples with at least one voxel
     target: torch.Tensor  # (N, cap, 3) target points relative to the cell centre (ego frame)
     target_mask: torch.Tensor  # (N, cap) bool
+    num_steps: int  # masked steps: the last ``num_steps`` of the batch; cell step num_steps - 1 = present
 
 
 class BevCellIndexer:
@@ -75,6 +77,22 @@ class BevCellIndexer:
         y = r[1] + (cells[:, 2].float() + 0.5) * self.cell[1]
         z = torch.full_like(x, 0.5 * (r[2] + r[5]))
         return torch.stack([x, y, z], dim=1)
+
+
+def conceal_masked_voxels(batch: Batch, grid: Grid, voxel_masked: torch.Tensor) -> Batch:
+    """A copy of ``batch`` whose masked voxels hold one placeholder point at the voxel centre (intensity 0).
+
+    Swapping the VFE output for the mask token alone is not enough: a VFE with BatchNorm
+    (PointPillars' PFN) pools its training-mode statistics over *every* point, so hidden points would
+    still shift the features of visible voxels. The placeholder depends on the voxel's coordinates
+    only, which the encoder sees anyway.
+    """
+    placeholder = torch.zeros_like(batch.voxels[voxel_masked])
+    placeholder[:, 0, :3] = BevCellIndexer(grid, num_steps=1).voxel_centres(batch.coords[voxel_masked])
+    voxels = batch.voxels.clone()
+    voxels[voxel_masked] = placeholder
+    num_points = torch.where(voxel_masked, torch.ones_like(batch.num_points), batch.num_points)
+    return replace(batch, voxels=voxels, num_points=num_points)
 
 
 def _choose(keys: torch.Tensor, group: torch.Tensor, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -134,7 +152,7 @@ def plan_masking(
     masked = torch.sort(masked).values
     voxel_masked = torch.isin(voxel_keys, masked) & (voxel_keys >= 0)
     target, target_mask = _targets(batch, indexer, masked, max_target_points, generator)
-    return MaskPlan(voxel_masked, indexer.decode(masked), len(cells), target, target_mask)
+    return MaskPlan(voxel_masked, indexer.decode(masked), len(cells), target, target_mask, num_steps)
 
 
 def _targets(batch, indexer, masked, cap, generator):

@@ -17,7 +17,7 @@ from torch import nn
 from turbotrain.data.sample import Batch
 from turbotrain.grid import Grid
 from turbotrain.pretrain.chamfer import chamfer_loss
-from turbotrain.pretrain.masking import plan_masking
+from turbotrain.pretrain.masking import MaskPlan, conceal_masked_voxels, plan_masking
 
 # What each variant reads from the fusion cache and which model groups it pretrains / transfers.
 VARIANT_INPUT = {
@@ -50,7 +50,11 @@ class ReconstructionDecoder(nn.Module):
 
 
 class MaskedReconstruction(nn.Module):
-    """Wraps a :class:`CooperativePnP` with a mask token and a decoder; ``forward`` returns the loss."""
+    """Wraps a :class:`CooperativePnP` with a mask token and a decoder; ``forward`` returns the loss.
+
+    The steps are public so tests and figures can hold the mask plan fixed: :meth:`draw_plan` ->
+    :meth:`encode` (BEV maps of the masked input) -> :meth:`reconstruct` (points per masked cell).
+    """
 
     def __init__(self, model: nn.Module, grid: Grid, variant: dict, num_steps: int, vfe_channels: int,
                  bev_channels: int, points_per_cell: int = 20, max_target_points: int = 64):
@@ -64,25 +68,39 @@ class MaskedReconstruction(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(vfe_channels))
         self.decoder = ReconstructionDecoder(bev_channels, points_per_cell)
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        plan = plan_masking(batch, self.grid, self.num_steps, self.mask_ratio, self.temporal, self.max_target_points)
+    def draw_plan(self, batch: Batch, generator: torch.Generator | None = None) -> MaskPlan:
+        """Which cells to hide and their target points (global torch RNG unless ``generator``)."""
+        return plan_masking(batch, self.grid, self.num_steps, self.mask_ratio, self.temporal,
+                            self.max_target_points, generator)
+
+    def encode(self, batch: Batch, plan: MaskPlan) -> dict[str, torch.Tensor]:
+        """``forward_bev`` outputs of ``batch`` with the plan's voxels hidden (placeholder points, mask token)."""
         masked = plan.voxel_masked[:, None]
 
         def hide_masked(features: torch.Tensor) -> torch.Tensor:
             return torch.where(masked, self.mask_token.to(features.dtype).expand_as(features), features)
 
-        bev = self.model.forward_bev(batch, feature_hook=hide_masked)
+        concealed = conceal_masked_voxels(batch, self.grid, plan.voxel_masked)
+        return self.model.forward_bev(concealed, feature_hook=hide_masked)
+
+    def reconstruct(self, batch: Batch, plan: MaskPlan) -> torch.Tensor:
+        """(N, points_per_cell, 3) predicted offsets from the centre of each of ``plan.cells``."""
+        bev = self.encode(batch, plan)
         maps = bev["step_bev"][:, -self.num_steps:].clone()  # (B, T, C, H, W)
         maps[:, -1] = bev["bev"]  # the present is reconstructed through temporal fusion
         b, t = maps.shape[:2]
         decoded = self.decoder(maps.flatten(0, 1)).view(b, t, *maps.shape[-2:], -1, 3)
         cells = plan.cells
-        pred = decoded[cells[:, 0], cells[:, 1], cells[:, 2], cells[:, 3]]
+        return decoded[cells[:, 0], cells[:, 1], cells[:, 2], cells[:, 3]]
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        plan = self.draw_plan(batch)
+        pred = self.reconstruct(batch, plan)
         loss = chamfer_loss(pred, None, plan.target, plan.target_mask)
         return {
             "reconstruction": loss,
             "log": {
-                "masked_cells": torch.tensor(float(len(cells))),
-                "masked_share": torch.tensor(len(cells) / max(plan.nonempty_cells, 1)),
+                "masked_cells": torch.tensor(float(len(plan.cells))),
+                "masked_share": torch.tensor(len(plan.cells) / max(plan.nonempty_cells, 1)),
             },
         }

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, Subset
 
 from turbotrain.data.sample import collate
 from turbotrain.experiments import FUSION_MODES, Run
@@ -16,9 +17,11 @@ from turbotrain.pretrain.transfer import load_pretrained
 from turbotrain.stages.common import TASKS, build_model, dataset, train_config, unwrap
 from turbotrain.stages.evaluate import Predictor, collect, device_of, evaluation_dataset, score
 from turbotrain.train.balancers import build_balancer
-from turbotrain.train.checkpoint import load_checkpoint
+from turbotrain.train.checkpoint import load_checkpoint, save_checkpoint
 from turbotrain.train.engine import fit
-from turbotrain.utils.atomic import atomic_path, write_json
+from turbotrain.utils.atomic import write_json
+from turbotrain.utils.seed import seed_everything
+from turbotrain.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,14 @@ def task_step(tasks: list[str]):
 class TrainingCurve:
     """Scores a few validation samples at each checkpoint: AP@0.5 and EPA against training time."""
 
-    def __init__(self, config: dict, run: Run, cache_root: str, time_offset_s: float):
+    POINTS_FILE = "curve.json"  # per stage directory, next to the stage's last.pt
+
+    def __init__(self, config: dict, run: Run, cache_root: str):
         self.config, self.run = config, run
         self.limit = config["evaluation"]["curve_samples"]
         self.data = evaluation_dataset(config, cache_root, run.fusion, split="val") if self.limit else None
         self.points: list[dict] = []
-        self.start_stage(time_offset_s)
+        self.stage_dir, self.stage_first, self.offset, self.started, self.hook_s = None, 0, 0.0, time.time(), 0.0
 
     def __call__(self, step: int, model) -> None:
         if not self.limit:
@@ -77,35 +82,70 @@ class TrainingCurve:
         unwrap(model).train()
         self.points.append({"step": int(step), "wall_s": self.offset + began - self.started - self.hook_s,
                             "ap50": det["map"].get("0.5"), "epa": pred["epa"]})
+        write_json(self.stage_dir / self.POINTS_FILE, self.points[self.stage_first:])
         self.hook_s += time.time() - began
 
-    def start_stage(self, offset_s: float) -> None:
-        """A later stage continues the same time axis, after ``offset_s`` of earlier training."""
+    def start_stage(self, offset_s: float, stage_dir: Path) -> None:
+        """Continue the time axis after ``offset_s`` of earlier training, with the stage in ``stage_dir``.
+
+        The points live in memory only until the job ends, so each stage also keeps its own on disk:
+        a stage resuming from last.pt (a killed or requeued job) takes back the points scored up to
+        that checkpoint and its clock continues from the checkpoint's training time.
+        """
+        self.stage_dir, self.stage_first = stage_dir, len(self.points)
         self.offset, self.started, self.hook_s = offset_s, time.time(), 0.0
+        if self.limit and (stage_dir / "last.pt").exists():
+            progress = load_checkpoint(stage_dir / "last.pt")["progress"]
+            self.offset += progress["wall_s"]
+            self.points += [p for p in self._saved_points() if p["step"] <= progress["step"]]
+
+    def _saved_points(self) -> list[dict]:
+        """This stage's points on disk; none when a kill came between last.pt and the first point."""
+        path = self.stage_dir / self.POINTS_FILE
+        return json.loads(path.read_text()) if path.exists() else []
+
+
+def recalibrate_batchnorm(model, data, seed: int, batches: int = 8, batch_size: int = 4) -> None:
+    """Precise BatchNorm: recompute running statistics with the final weights on training samples.
+
+    The encoders keep OpenPCDet's BN momentum (0.01), tuned for 80-epoch runs; after a short run the
+    running averages still mix early weights' statistics and eval-mode inference finds nothing.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator)[: batches * batch_size].tolist()
+    loader = DataLoader(Subset(data, order), batch_size=batch_size, collate_fn=collate)
+    update_bn(loader, model)
 
 
 def finetune(config: dict, run: Run, cache_root: str, pretrained: str | None, out_dir: str) -> dict:
     out = Path(out_dir)
+    # The engine seeds only once the model exists; seeding here makes the initial weights (of the
+    # parts pretraining does not provide) a function of the run's seed, as a rerun needs.
+    seed_everything(run.seed)
     model = build_model(config, run.fusion)
     pretrain_s = 0.0
     if pretrained:
         report = load_pretrained(model, pretrained)
         pretrain_s = float(torch.load(pretrained, map_location="cpu", weights_only=False)["meta"].get("wall_s", 0.0))
         write_json(out / "transfer.json", report.summary())
-    curve = TrainingCurve(config, run, cache_root, pretrain_s)
+    curve = TrainingCurve(config, run, cache_root)
     stages = recipe_stages(config, run)
     totals = {"wall_s": 0.0, "steps": 0, "epochs": 0.0}
     previous_final = None
     for i, stage in enumerate(stages):
         stage_dir = out / "stages" / f"{i + 1}-{stage.name}"
-        curve.start_stage(pretrain_s + totals["wall_s"])
+        curve.start_stage(pretrain_s + totals["wall_s"], stage_dir)
         summary = _run_stage(config, run, cache_root, model, stage, stage_dir, previous_final, curve)
         previous_final = stage_dir / "final.pt"
         totals["wall_s"] += summary["wall_s"]
         totals["steps"] += summary["steps"]
         totals["epochs"] += float(summary["epochs"])
-    with atomic_path(out / "final.pt") as tmp:
-        shutil.copyfile(previous_final, tmp)
+    payload = load_checkpoint(previous_final)
+    model.load_state_dict(payload["model"])
+    recalibrate_batchnorm(model, dataset(config, cache_root, "train", FUSION_MODES[run.fusion][0], run.label_fraction),
+                          run.seed)
+    payload["model"] = model.state_dict()
+    save_checkpoint(out / "final.pt", payload)
     device = device_of(config)
     hours = totals["wall_s"] / 3600
     training = {**totals, "device": device.type, "pretrain_wall_s": pretrain_s,
@@ -127,7 +167,12 @@ def _run_stage(config, run, cache_root, model, stage: Stage, stage_dir: Path, pr
                        freeze_prefixes=tuple(f"{group}." for group in stage.freeze))
     log.info("stage %s: %d samples (%s), tasks %s, balancer %s, frozen %s", stage.name, len(data), mode,
              stage.tasks, stage.balancer, stage.freeze or "nothing")
-    return fit(model, task_step(stage.tasks), balancer, data, cfg, stage_dir, collate_fn=collate,
-               shared_params=model.shared_parameters(),
-               task_params={t: model.task_parameters()[t] for t in stage.tasks},
-               on_checkpoint=curve)
+    summary = fit(model, task_step(stage.tasks), balancer, data, cfg, stage_dir, collate_fn=collate,
+                  shared_params=model.shared_parameters(),
+                  task_params={t: model.task_parameters()[t] for t in stage.tasks},
+                  on_checkpoint=curve)
+    if summary["resumed_from_step"]:
+        # The job log is the only trace that a rerun or requeued job continued from last.pt.
+        log.info("stage %s: resumed from step %d, trained to step %d", stage.name, summary["resumed_from_step"],
+                 summary["steps"])
+    return summary

@@ -55,9 +55,13 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
         fh.write("\n")
 
 
+# libyaml's C emitter writes the same text as the Python one, twice as fast (one YAML per LiDAR frame).
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def write_yaml(target: str | os.PathLike, obj: Any) -> None:
     with atomic_open(target, "w") as fh:
-        yaml.safe_dump(obj, fh, sort_keys=False)
+        yaml.dump(obj, fh, Dumper=_YAML_DUMPER, sort_keys=False)
 
 
 def write_npz(target: str | os.PathLike, **arrays: np.ndarray) -> None:

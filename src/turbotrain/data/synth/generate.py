@@ -32,7 +32,7 @@ from tqdm import tqdm
 from turbotrain.data.opencood import write_agent_frame, write_scenario_meta
 from turbotrain.data.records import AgentFrameRecord, ObjectRecord
 from turbotrain.data.synth.lidar import BUILDING, MATERIAL_OF_TYPE, LidarSpec, scan
-from turbotrain.data.synth.scene import SceneParams, build_scene
+from turbotrain.data.synth.scene import Scene, SceneParams, build_scene, stratified_kinds
 from turbotrain.data.synth.traffic import Actor, TrafficParams, TrafficSimulator
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.errors import ConfigError
@@ -102,7 +102,11 @@ class GenerationConfig:
 
 
 def resolve_config(preset: str | dict = "smoke", overrides: dict | None = None) -> GenerationConfig:
-    """Merge ``BASE_CONFIG`` <- preset <- overrides and validate it (unknown keys raise ConfigError)."""
+    """Merge ``BASE_CONFIG`` <- preset <- overrides and validate it (unknown keys raise ConfigError).
+
+    Nested sections (``scene``, ``traffic``, ``agents``, ``*_lidar``) merge key by key; ``splits``
+    is replaced as a whole, so ``{"splits": {"train": 1}}`` generates a train split only.
+    """
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ConfigError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -149,8 +153,14 @@ def _dataclass_from(cls, values: dict, where: str):
 
 
 def config_to_dict(config: GenerationConfig) -> dict:
-    """A JSON-ready view of a resolved configuration (for the summary file)."""
-    return dataclasses.asdict(config)
+    """A JSON-ready view of the settings that shape the data (for the summary file).
+
+    ``workers`` is left out: it changes how fast the files appear, never what they hold, and the
+    summary must be byte-identical however many workers wrote the data.
+    """
+    values = dataclasses.asdict(config)
+    values.pop("workers")
+    return values
 
 
 # ----------------------------------------------------------------------------- sensors
@@ -183,15 +193,17 @@ class SensorAgent:
         return None if self.vehicle is None else self.vehicle.track_id
 
 
-def place_agents(config: GenerationConfig, scene, sim: TrafficSimulator, rng: np.random.Generator) -> list[SensorAgent]:
+def place_agents(
+    config: GenerationConfig, scene: Scene, sim: TrafficSimulator, rng: np.random.Generator,
+) -> list[SensorAgent]:
     """Poles on the scene's best sites (ids -1, -2, ...) and connected cars (ids 1, 2, ...)."""
     n_poles = int(rng.integers(config.agents.infrastructure[0], config.agents.infrastructure[1] + 1))
     n_poles = min(n_poles, len(scene.infrastructure_sites))
     n_cars = int(rng.integers(config.agents.vehicles[0], config.agents.vehicles[1] + 1))
-    agents = [
-        SensorAgent(-(i + 1), config.infrastructure_lidar, float(rng.uniform(*config.agents.pole_height)), site=scene.infrastructure_sites[i])
-        for i in range(n_poles)
-    ]
+    agents = []
+    for i in range(n_poles):
+        height = float(rng.uniform(*config.agents.pole_height))
+        agents.append(SensorAgent(-(i + 1), config.infrastructure_lidar, height, site=scene.infrastructure_sites[i]))
     horizon = config.frames * 0.1
     for i in range(n_cars):
         vehicle = sim.add_connected_vehicle(track_id=i + 1, horizon_s=horizon)
@@ -207,7 +219,9 @@ def objects_near(objects: list[ObjectRecord], agent: SensorAgent, pose: np.ndarr
     ]
 
 
-def scan_frame(agent: SensorAgent, pose: np.ndarray, objects: list[ObjectRecord], buildings: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def scan_frame(
+    agent: SensorAgent, pose: np.ndarray, objects: list[ObjectRecord], buildings: np.ndarray, rng: np.random.Generator,
+) -> np.ndarray:
     """The agent's sweep over every object but itself, and the buildings."""
     others = [o for o in objects if o.track_id != agent.own_track]
     boxes = np.concatenate([np.array([o.box for o in others]).reshape(-1, 7), buildings])
@@ -235,11 +249,20 @@ def track_rows(objects: list[ObjectRecord], timestamp: str) -> list[dict]:
     ]
 
 
-def generate_scenario(root: str | os.PathLike, split: str, index: int, config: GenerationConfig, seed: int, progress: bool = False) -> dict:
+def split_kinds(seed: int, split: str, config: GenerationConfig) -> list[str]:
+    """Scene kind of every scenario of a split (stratified, shuffled by a per-split stream)."""
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(zlib.crc32(split.encode()),)))
+    return stratified_kinds(config.splits[split], config.scene.intersection_share, rng)
+
+
+def generate_scenario(
+    root: str | os.PathLike, split: str, index: int, kind: str, config: GenerationConfig, seed: int,
+    progress: bool = False,
+) -> dict:
     """Simulate and write one scenario; returns its summary (name, kind, agents, frames, points)."""
     layout_seq, traffic_seq, sensor_seq = scenario_seed(seed, split, index).spawn(3)
     layout_rng, traffic_rng, sensor_rng = (np.random.default_rng(s) for s in (layout_seq, traffic_seq, sensor_seq))
-    scene = build_scene(config.scene, layout_rng)
+    scene = build_scene(config.scene, layout_rng, kind)
     name = f"{scenario_prefix(index)}{scene.kind}"
     _clear_scenario(root, split, index)
     sim = TrafficSimulator(scene, config.traffic, traffic_rng)
@@ -301,7 +324,10 @@ def generate_dataset(
     written last to ``<root>/synth_summary.json`` (its presence marks a finished run).
     """
     config = resolve_config(preset, overrides)
-    tasks = [(str(root), split, i, config, int(seed)) for split, n in config.splits.items() for i in range(n)]
+    tasks = [
+        (str(root), split, i, kind, config, int(seed))
+        for split in config.splits for i, kind in enumerate(split_kinds(seed, split, config))
+    ]
     _warn_unplanned(root, config)
     scenarios = _run_tasks(tasks, config.workers, progress)
     summary = _summarise(scenarios, config, preset, seed)

@@ -44,17 +44,6 @@ class Polyline:
         inside = np.clip(np.asarray(s, dtype=np.float64), 0.0, self.length)
         return wrap_angle(np.interp(inside, self.s, self.heading_unwrapped))
 
-    def ahead(self, s: float, distance: float) -> np.ndarray:
-        """(K, 2) points from ``s`` to ``s + distance`` at the path spacing (used for leader search)."""
-        steps = np.arange(0.0, distance + 1e-9, self.spacing)
-        return self.position(s + steps)
-
-    def distance_to(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For (N, 2) points: distance to the nearest resampled path point and that point's ``s``."""
-        d = np.linalg.norm(np.asarray(points, dtype=np.float64)[:, None, :] - self.xy[None], axis=-1)
-        nearest = np.argmin(d, axis=1)
-        return d[np.arange(len(d)), nearest], self.s[nearest]
-
     @staticmethod
     def _unit(angle: np.ndarray) -> np.ndarray:
         return np.stack([np.cos(angle), np.sin(angle)], axis=-1)

@@ -14,6 +14,7 @@ frontage; parked cars and buildings are the static occluders.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ from turbotrain.geometry import wrap_angle
 SCENE_KINDS = ("intersection", "corridor")
 PARKED_CAR_SIZE = (4.5, 1.9, 1.6)
 CONFLICT_DISTANCE = 2.6  # m between connector centrelines below which two cars would touch
+RoadGroup = Callable[[np.ndarray], np.ndarray]  # (N, 2) points -> signal group letting walkers cross, -1 off-road
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,21 @@ class Scene:
         return [r for r in self.walk_routes if r.entry == entry]
 
 
-def build_scene(params: SceneParams, rng: np.random.Generator) -> Scene:
-    """Draw a layout kind, then its geometry, from ``rng``."""
-    if rng.random() < params.intersection_share:
-        return build_intersection(params, rng)
-    return build_corridor(params, rng)
+def build_scene(params: SceneParams, rng: np.random.Generator, kind: str | None = None) -> Scene:
+    """The layout of ``kind`` (drawn from ``rng`` with ``intersection_share`` when ``None``)."""
+    if kind is None:
+        kind = "intersection" if rng.random() < params.intersection_share else "corridor"
+    if kind not in SCENE_KINDS:
+        raise ValueError(f"unknown scene kind {kind!r}; choose one of {SCENE_KINDS}")
+    return build_intersection(params, rng) if kind == "intersection" else build_corridor(params, rng)
+
+
+def stratified_kinds(count: int, intersection_share: float, rng: np.random.Generator) -> list[str]:
+    """Kinds for ``count`` scenarios with exactly ``round(share * count)`` intersections, shuffled,
+    so that even a small split holds the mix the share asks for."""
+    intersections = int(round(intersection_share * count))
+    kinds = ["intersection"] * intersections + ["corridor"] * (count - intersections)
+    return [kinds[i] for i in rng.permutation(count)]
 
 
 # ----------------------------------------------------------------------------- intersection
@@ -288,7 +300,7 @@ def _walk_path(waypoints: np.ndarray, rng: np.random.Generator) -> Polyline:
     return Polyline(offset_right(rounded.xy, float(rng.uniform(0.4, 1.1))))
 
 
-def _intersection_walk_group(params: SceneParams):
+def _intersection_walk_group(params: SceneParams) -> RoadGroup:
     rh = params.road_half_width
 
     def group(xy: np.ndarray) -> np.ndarray:
@@ -299,7 +311,7 @@ def _intersection_walk_group(params: SceneParams):
     return group
 
 
-def _crossings(path: Polyline, road_group) -> list[Crossing]:
+def _crossings(path: Polyline, road_group: RoadGroup) -> list[Crossing]:
     """Contiguous carriageway stretches of a walk route and the signal group that lets them go."""
     group = road_group(path.xy)
     on_road = group >= 0
@@ -319,10 +331,13 @@ def _frontage_boxes(params: SceneParams, rng: np.random.Generator, arm: int, sid
     """Buildings along one side of one intersection arm, from the corner lot outwards."""
     u, n = _arm_frame(arm)
     setback = params.road_half_width + params.sidewalk_width
-    return _frontage(params, rng, origin=np.zeros(2), u=u, n=side * n, start=setback + 0.5, end=params.arm_length, setback=setback)
+    return _frontage(params, rng, np.zeros(2), u, side * n, start=setback + 0.5, end=params.arm_length, setback=setback)
 
 
-def _frontage(params, rng, origin, u, n, start, end, setback) -> np.ndarray:
+def _frontage(
+    params: SceneParams, rng: np.random.Generator, origin: np.ndarray, u: np.ndarray, n: np.ndarray,
+    start: float, end: float, setback: float,
+) -> np.ndarray:
     """A row of buildings along ``u`` from ``start`` to ``end``, their fronts ``setback`` + 0..2 m off."""
     boxes, along = [], start
     while along < end:
@@ -343,7 +358,10 @@ def _intersection_parking(params: SceneParams, rng: np.random.Generator, arm: in
     return _parking_row(params, rng, np.zeros(2), u, side * n, first, params.arm_length, heading, skip=None)
 
 
-def _parking_row(params, rng, origin, u, n, start, end, heading, skip) -> np.ndarray:
+def _parking_row(
+    params: SceneParams, rng: np.random.Generator, origin: np.ndarray, u: np.ndarray, n: np.ndarray,
+    start: float, end: float, heading: float, skip: tuple[float, float] | None,
+) -> np.ndarray:
     """Parked cars in the parking strip, a slot every ``parking_slot`` m, each taken at random."""
     lateral = params.lane_width + params.parking_width / 2.0
     boxes = []
@@ -357,7 +375,9 @@ def _parking_row(params, rng, origin, u, n, start, end, heading, skip) -> np.nda
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
 
 
-def _draw_signals(params: SceneParams, rng: np.random.Generator, groups: int, greens=None) -> SignalPlan:
+def _draw_signals(
+    params: SceneParams, rng: np.random.Generator, groups: int, greens: tuple[float, ...] | None = None,
+) -> SignalPlan:
     greens = tuple(float(rng.uniform(*params.green_s)) for _ in range(groups)) if greens is None else greens
     plan = SignalPlan(green_s=greens, clearance_s=params.clearance_s, offset_s=0.0)
     return SignalPlan(green_s=greens, clearance_s=params.clearance_s, offset_s=float(rng.uniform(0.0, plan.cycle_s)))
@@ -419,7 +439,8 @@ def _corridor_walks(params: SceneParams, rng: np.random.Generator, crosswalk_x: 
     walks = []
     for entry, (x0, side) in enumerate(((-far, 1.0), (-far, -1.0), (far, 1.0), (far, -1.0))):
         options = [[(x0, side * c), (-x0, side * c)]]
-        options += [[(x0, side * c), (crosswalk_x, side * c), (crosswalk_x, -side * c), (x_end, -side * c)] for x_end in (-far, far)]
+        for x_end in (-far, far):
+            options.append([(x0, side * c), (crosswalk_x, side * c), (crosswalk_x, -side * c), (x_end, -side * c)])
         for waypoints in options:
             path = _walk_path(np.array(waypoints), rng)
             walks.append(WalkRoute(len(walks), entry, path, _crossings(path, road_group)))

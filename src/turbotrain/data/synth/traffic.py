@@ -7,8 +7,9 @@ pose and yaw are continuous, and speed changes only through bounded acceleration
 
 Longitudinal control is the Intelligent Driver Model (Treiber et al. 2000) against the nearest
 obstacle ahead: a leader on the path, a red stop line, or a pedestrian on the crosswalk. A
-lateral-acceleration limit on the curves ahead caps the acceleration, so vehicles slow for turns. At the intersection a vehicle enters only on green *and* when no vehicle on a conflicting
-route holds the junction (a first-come reservation), which keeps permissive turns collision-free.
+lateral-acceleration limit on the curves ahead caps the acceleration, so vehicles slow for turns.
+At the intersection a vehicle enters only on green *and* when no vehicle on a conflicting route
+holds the junction (a first-come reservation), which keeps permissive turns collision-free.
 Pedestrians walk with the same model (their own parameters), wait at the kerb until their crossing
 has enough green left, and are given way to by vehicles.
 """
@@ -166,23 +167,40 @@ class TrafficSimulator:
         return [a.record() for a in self.actors] + list(self.parked)
 
     def add_connected_vehicle(self, track_id: int, horizon_s: float) -> Actor:
-        """Insert a car that stays on the map for ``horizon_s`` seconds (its desired speed is capped).
+        """A car that stays on the map for ``horizon_s`` seconds (its desired speed is capped).
 
-        It is placed on an entry stretch with free road around it, so it starts cruising smoothly.
+        Placed on a free stretch before a stop line, so it starts cruising smoothly; in dense traffic
+        an ordinary car still on its way in is promoted instead (nothing has been recorded yet, so
+        its new track id is not a visible change).
         """
-        for _ in range(200):
-            route = self.scene.vehicle_routes[int(self.rng.integers(len(self.scene.vehicle_routes)))]
-            s0 = float(self.rng.uniform(0.1, 0.6) * route.stop_s)
-            if self._clear_around(route.path, s0, ahead=25.0, behind=15.0):
-                break
-        else:
-            raise RuntimeError("no free spot for a connected vehicle; lower the traffic density")
-        actor = self._make_vehicle(route, s0, "car", track_id=track_id)
-        budget = (route.path.length - s0 - 10.0) / horizon_s
-        actor.v_desired = float(min(actor.v_desired, max(budget, 3.0)))
-        actor.v = actor.v_desired * 0.8
+        actor = self._insert_car(track_id) or self._promote_car(track_id)
+        if actor is None:
+            raise RuntimeError("no car can become a connected vehicle; lower the traffic density")
+        remaining = actor.path.length - actor.s - 10.0
+        actor.v_desired = float(min(actor.v_desired, max(remaining / horizon_s, 3.0)))
+        actor.v = min(actor.v, actor.v_desired)
         actor.persistent = True
-        self.actors.append(actor)
+        return actor
+
+    def _insert_car(self, track_id: int) -> Actor | None:
+        for _ in range(50):
+            route = self.scene.vehicle_routes[int(self.rng.integers(len(self.scene.vehicle_routes)))]
+            s0 = float(self.rng.uniform(0.05, 0.8) * route.stop_s)
+            if self._clear_around(route.path, s0, ahead=20.0, behind=10.0):
+                actor = self._make_vehicle(route, s0, "car", track_id=track_id)
+                self.actors.append(actor)
+                return actor
+        return None
+
+    def _promote_car(self, track_id: int) -> Actor | None:
+        candidates = [
+            a for a in self.actors
+            if a.obj_type == "car" and not a.persistent and a.s < a.route.stop_s - 10.0
+        ]
+        if not candidates:
+            return None
+        actor = candidates[int(self.rng.integers(len(candidates)))]
+        actor.track_id = track_id
         return actor
 
     # ------------------------------------------------------------------ spawning
@@ -228,7 +246,8 @@ class TrafficSimulator:
             if self.rng.random() < self.params.vehicle_rate * DT:
                 route = self._choose_route(entry)
                 vehicle = self._make_vehicle(route, 0.0, self._draw_vehicle_type())
-                if self._clear_around(route.path, 0.0, ahead=vehicle.v**2 / (2 * vehicle.driver.comfort_brake) + 12.0, behind=0.0):
+                stopping = vehicle.v**2 / (2 * vehicle.driver.comfort_brake)
+                if self._clear_around(route.path, 0.0, ahead=stopping + 12.0, behind=0.0):
                     self.actors.append(vehicle)
         for entry in self.scene.walk_entries:
             if self.rng.random() < self.params.pedestrian_rate * DT:
@@ -238,10 +257,12 @@ class TrafficSimulator:
                     self.actors.append(self._make_pedestrian(walk, 0.0))
 
     def _populate_lane(self, entry: int) -> None:
-        route = self._choose_route(entry)
-        mean_spacing = np.mean(self.params.car_speed) / max(self.params.vehicle_rate * self.params.initial_density, 1e-6)
+        """Cars at exponential spacings (Poisson arrivals at cruising speed) up to the stop line."""
+        stop_s = self.scene.routes_from(entry)[0].stop_s  # routes of one entry share their inbound lane
+        arrivals = max(self.params.vehicle_rate * self.params.initial_density, 1e-6)
+        mean_spacing = float(np.mean(self.params.car_speed)) / arrivals
         s = float(self.rng.exponential(mean_spacing))
-        while s < route.stop_s - 15.0:
+        while s < stop_s - 15.0:
             route = self._choose_route(entry)
             vehicle = self._make_vehicle(route, s, self._draw_vehicle_type())
             if self._clear_around(route.path, s, ahead=25.0, behind=15.0):
@@ -250,7 +271,8 @@ class TrafficSimulator:
 
     def _populate_sidewalk(self, entry: int) -> None:
         walks = self.scene.walks_from(entry)
-        mean_spacing = np.mean(self.params.walk_speed) / max(self.params.pedestrian_rate * self.params.initial_density, 1e-6)
+        arrivals = max(self.params.pedestrian_rate * self.params.initial_density, 1e-6)
+        mean_spacing = float(np.mean(self.params.walk_speed)) / arrivals
         s = float(self.rng.exponential(mean_spacing))
         while True:
             walk = walks[int(self.rng.integers(len(walks)))]
@@ -262,7 +284,7 @@ class TrafficSimulator:
             s += max(float(self.rng.exponential(mean_spacing)), 3.0)
 
     def _clear_around(self, path: Polyline, s: float, ahead: float, behind: float) -> bool:
-        """No actor's centre within the path stretch ``[s - behind, s + ahead]`` (2 m either side)."""
+        """No actor's centre within 2.5 m of the path stretch ``[s - behind, s + ahead]``."""
         if not self.actors:
             return True
         stretch = path.position(s + np.arange(-behind, ahead + 1e-9, LOOKAHEAD_STEP))
@@ -344,7 +366,9 @@ class TrafficSimulator:
         needed = (actor.v**2 - limit_sq) / (2.0 * np.maximum(ahead, 1.0))
         return float(-max(needed.max(), -actor.driver.max_accel))
 
-    def _leader(self, actor: Actor, obstacles: _Obstacles, lookahead: float, yield_to_all_pedestrians: bool) -> tuple[float, float]:
+    def _leader(
+        self, actor: Actor, obstacles: _Obstacles, lookahead: float, yield_to_all_pedestrians: bool,
+    ) -> tuple[float, float]:
         """Bumper gap to, and closing speed on, the nearest obstacle on the path ahead (``inf`` if none).
 
         Vehicles give way to any pedestrian on their path but follow only vehicles moving within 90

@@ -99,19 +99,24 @@ class Balancer(nn.Module, ABC):
         return out
 
 
+def flatten(grads: Sequence[Tensor]) -> Tensor:
+    """Gradients of several parameters joined into one flat vector."""
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
 def task_jacobian(loss_vector: Tensor, shared_params: list[Tensor]) -> Tensor:
     """``(K, N)`` matrix whose row i is grad(L_i) over all shared parameters, flattened and joined.
 
     One ``autograd.grad`` per task restricted to the shared parameters: it works with any op
-    (spconv custom kernels have no vmap rule, so a batched Jacobian is not an option there) and the
-    graph is retained for the head backward that follows.
+    (spconv's sparse-conv backward fails under torch's batched ``is_grads_batched``/vmap Jacobian,
+    measured on CooperativePnP) and the graph is retained for the head backward that follows.
     """
     rows = []
     for loss in loss_vector:
         grads = torch.autograd.grad(
             loss, shared_params, retain_graph=True, allow_unused=True, materialize_grads=True
         )
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        rows.append(flatten(grads))
     return torch.stack(rows)
 
 
@@ -134,10 +139,6 @@ def accumulate_grads(params: list[Tensor], grads: Sequence[Tensor]) -> None:
             p.grad = g.detach().clone()
         else:
             p.grad.add_(g)
-
-
-def flatten(grads: Sequence[Tensor]) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in grads])
 
 
 def split_backward(
@@ -172,10 +173,10 @@ def split_backward(
     return torch.stack(rows)
 
 
-def backward_into(objective: Tensor, inputs: list[Tensor], retain_graph: bool = False) -> None:
+def backward_into(objective: Tensor, inputs: list[Tensor]) -> None:
     """``objective.backward`` restricted to ``inputs`` (accumulating); a no-op when there are none."""
     if inputs:
-        torch.autograd.backward(objective, inputs=inputs, retain_graph=retain_graph)
+        torch.autograd.backward(objective, inputs=inputs)
 
 
 class LossWeightingBalancer(Balancer):

@@ -32,7 +32,9 @@ class BufferAdam(torch.nn.Module):
     with the module and are checkpointed.
     """
 
-    def __init__(self, size: int, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self, size: int, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ):
         super().__init__()
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
         self.register_buffer("value", torch.zeros(size))
