@@ -1,7 +1,8 @@
 """Step time of every multi-task balancer relative to the plain sum, K = 2 tasks.
 
 One step = forward + task losses + ``balancer.backward`` + optimiser step (+ for FAMO the extra
-forward on the same batch and ``balancer.update``, which is part of its cost). The model is the real
+forward on the same batch and ``balancer.update``, which is part of its cost). TurboTrain is timed
+in both spaces: on the shared parameters and on the shared features (``bev``, ``step_bev``). The model is the real
 tiny ``CooperativePnP`` on a toy cooperative batch when it is importable, else a conv stand-in of
 similar size; the output says which. Balancers are timed round-robin (one step each per round) and
 the median is reported, so load from other processes hits all of them alike.
@@ -26,12 +27,16 @@ from turbotrain.utils.seed import seed_everything
 
 OUT = Path(__file__).parent / "out" / "bench_balancers.json"
 TASKS = ["detection", "prediction"]
-LossFn = Callable[[], dict[str, torch.Tensor]]
-# (label, registry name, options): every registered balancer with defaults, plus TurboTrain
-# restricted to the layers after the encoder / to fusion + temporal (see turbotrain.py).
-VARIANTS = [(name, name, {}) for name in BALANCERS.names()] + [
-    ("turbotrain@0.69", "turbotrain", {"trailing_fraction": 0.69}),
-    ("turbotrain@0.1", "turbotrain", {"trailing_fraction": 0.1}),
+# One forward: the task losses and the shared features the heads read (heads' side first).
+ForwardFn = Callable[[], tuple[dict[str, torch.Tensor], list[torch.Tensor]]]
+# (label, registry name, options): every registered balancer with defaults, TurboTrain in each
+# space, and TurboTrain on the parameters restricted to the layers after the encoder / to fusion +
+# temporal (see turbotrain.py).
+VARIANTS = [(name, name, {}) for name in BALANCERS.names() if name != "turbotrain"] + [
+    ("turbotrain (parameters)", "turbotrain", {"space": "parameters"}),
+    ("turbotrain (features)", "turbotrain", {"space": "features"}),
+    ("turbotrain@0.69", "turbotrain", {"space": "parameters", "trailing_fraction": 0.69}),
+    ("turbotrain@0.1", "turbotrain", {"space": "parameters", "trailing_fraction": 0.1}),
 ]
 
 
@@ -60,14 +65,14 @@ def stand_in_problem(device: torch.device):
     inputs = torch.randn(4, 16, 32, 32, device=device)
     det_target, pred_target = torch.randn(4, 8, 32, 32, device=device), torch.randn(4, 24, device=device)
 
-    def losses() -> dict[str, torch.Tensor]:
+    def forward() -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         features = model.trunk(inputs)
         return {
             "detection": (model.detection(features) - det_target).pow(2).mean(),
             "prediction": (model.prediction(features) - pred_target).pow(2).mean(),
-        }
+        }, [features]
 
-    return model, losses, "conv stand-in (3x conv32 trunk, 32x32 BEV, batch 4)"
+    return model, forward, "conv stand-in (3x conv32 trunk, 32x32 BEV, batch 4)"
 
 
 def joint_model_problem(device: torch.device):
@@ -90,12 +95,13 @@ def joint_model_problem(device: torch.device):
     model = CooperativePnP(cfg, grid, ["car", "pedestrian", "truck"], history=2, future=4).to(device)
     batch = toy_batch(grid, scenes, seed=3).to(device)
 
-    def losses() -> dict[str, torch.Tensor]:
-        all_losses = model.losses(model(batch), batch)
-        return {task: all_losses[task] for task in TASKS}
+    def forward() -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        outputs = model(batch)
+        all_losses = model.losses(outputs, batch)
+        return {task: all_losses[task] for task in TASKS}, [outputs["bev"], outputs["step_bev"]]
 
     n_shared = sum(p.numel() for p in model.shared_parameters())
-    return model, losses, f"CooperativePnP tiny (SECOND encoder, 32x32 BEV, 2 samples), {n_shared} shared params"
+    return model, forward, f"CooperativePnP tiny (SECOND encoder, 32x32 BEV, 2 samples), {n_shared} shared params"
 
 
 def build_problem(device: torch.device):
@@ -109,9 +115,9 @@ def build_problem(device: torch.device):
 class Trainer:
     """One balancer, its optimiser and one timed step."""
 
-    def __init__(self, variant: tuple[str, str, dict], model: nn.Module, losses: LossFn, state: dict):
+    def __init__(self, variant: tuple[str, str, dict], model: nn.Module, forward: ForwardFn, state: dict):
         self.label, self.name, options = variant
-        self.model, self.losses = model, losses
+        self.model, self.forward = model, forward
         self.balancer = build_balancer(self.name, TASKS, **options).to(next(model.parameters()).device)
         self.initial_state = state
         params = list(model.parameters()) + list(self.balancer.parameters())
@@ -123,11 +129,13 @@ class Trainer:
         synchronize()
         start = clock()
         self.optimizer.zero_grad(set_to_none=True)
-        self.balancer.backward(self.losses(), self.model.shared_parameters(), self.model.task_parameters())
+        losses, features = self.forward()
+        extra = {"features": features} if self.balancer.needs_features else {}
+        self.balancer.backward(losses, self.model.shared_parameters(), self.model.task_parameters(), **extra)
         self.optimizer.step()
         if self.name == "famo":
             with torch.no_grad():
-                self.balancer.update(self.losses())
+                self.balancer.update(self.forward()[0])
         synchronize()
         return clock() - start
 
@@ -145,9 +153,9 @@ def synchronize() -> None:
 
 def measure(rounds: int, warmup: int, device: torch.device) -> tuple[str, dict[str, list[float]]]:
     seed_everything(0)
-    model, losses, description = build_problem(device)
+    model, forward, description = build_problem(device)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    trainers = [Trainer(variant, model, losses, state) for variant in VARIANTS]
+    trainers = [Trainer(variant, model, forward, state) for variant in VARIANTS]
     times: dict[str, list[float]] = {t.label: [] for t in trainers}
     for round_index in range(warmup + rounds):
         for trainer in trainers:
@@ -180,14 +188,17 @@ def main() -> None:
         for name, t in times.items()
     ]
     clock_name = "wall" if torch.cuda.is_available() else "process CPU"
-    print(f"model: {description}; device {args.device}; {clock_name} time; {args.rounds} rounds; K=2")
-    print(f"{'balancer':<15} {'median ms':>10} {'x sum':>7} {'min ms':>8} {'x sum':>7}")
+    default_space = build_balancer("turbotrain", TASKS).space
+    print(f"model: {description}; device {args.device}; {clock_name} time; {args.rounds} rounds; K=2; "
+          f"turbotrain default space: {default_space}")
+    print(f"{'balancer':<24} {'median ms':>10} {'x sum':>7} {'min ms':>8} {'x sum':>7}")
     for row in sorted(rows, key=lambda r: r["relative_to_sum"]):
         print(
-            f"{row['balancer']:<15} {row['median_ms']:>10.1f} {row['relative_to_sum']:>7.2f}"
+            f"{row['balancer']:<24} {row['median_ms']:>10.1f} {row['relative_to_sum']:>7.2f}"
             f" {row['min_ms']:>8.1f} {row['min_relative_to_sum']:>7.2f}"
         )
-    summary = {"model": description, "device": args.device, "clock": clock_name, "rounds": args.rounds, "rows": rows}
+    summary = {"model": description, "device": args.device, "clock": clock_name, "rounds": args.rounds,
+               "turbotrain_default_space": default_space, "rows": rows}
     write_json(OUT, summary)
     print(f"wrote {OUT}")
 

@@ -6,14 +6,17 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from torchjd.aggregation import PCGrad as TorchjdPCGrad
 from torchjd.scalarization import DWA as TorchjdDWA
 from torchjd.scalarization import FAMO as TorchjdFAMO
 
 from turbotrain.train.balancers import BALANCERS, build_balancer
 from turbotrain.train.balancers.famo import FAMOBalancer
+from turbotrain.train.balancers.features import feature_block_ids
 from turbotrain.train.balancers.surgery import cagrad_weights
 from turbotrain.train.balancers.turbotrain import TurboTrainBalancer
+from turbotrain.train.engine import TrainConfig, fit
 from turbotrain.utils.errors import ConfigError
 
 TASKS = ["det", "pred"]
@@ -397,3 +400,206 @@ def test_build_balancer_rejects_unknown_names_and_options():
         build_balancer("turbotrain", TASKS, trailing_fraction=0.0)
     with pytest.raises(KeyError):
         build_balancer("sum", TASKS).backward({"det": torch.tensor(1.0)}, [])
+
+
+# ------------------------------------------------------------------ TurboTrain on the shared features
+class TwoHeadBEVModel(nn.Module):
+    """CooperativePnP's layout in miniature (float64): a per-step conv trunk gives ``step_bev``
+    (B, T, C, H, W), a learned temporal mix gives ``bev`` (B, C, H, W); detection reads ``bev``,
+    prediction reads the last step map and ``bev``. Losses are linear in the head outputs, so
+    ``agreeing=True`` (positive head weights and targets) makes every feature gradient non-negative:
+    no block can conflict."""
+
+    def __init__(self, agreeing: bool = False, seed: int = 0, batch: int = 3, steps: int = 2):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = nn.Conv2d(2, 4, 3, padding=1)
+        self.temporal = nn.Parameter(torch.rand(steps, 4, 1, 1) + 0.1)
+        self.detection = nn.Conv2d(4, 1, 1)
+        self.prediction_step = nn.Conv2d(4, 1, 1)
+        self.prediction_fused = nn.Conv2d(4, 1, 1)
+        self.inputs = torch.randn(batch, steps, 2, 5, 6)
+        self.targets = {t: torch.randn(batch, 1, 5, 6) for t in TASKS}
+        if agreeing:
+            with torch.no_grad():
+                for head in (self.detection, self.prediction_step, self.prediction_fused):
+                    head.weight.abs_().add_(0.1)
+            self.targets = {t: y.abs() + 0.1 for t, y in self.targets.items()}
+        self.double()
+        self.inputs = self.inputs.double()
+        self.targets = {t: y.double() for t, y in self.targets.items()}
+
+    def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, steps = inputs.shape[:2]
+        step_bev = torch.tanh(self.trunk(inputs.flatten(0, 1))).view(batch, steps, 4, *inputs.shape[-2:])
+        bev = (step_bev * self.temporal).sum(dim=1)
+        prediction = self.prediction_step(step_bev[:, -1]) + self.prediction_fused(bev)
+        return {"step_bev": step_bev, "bev": bev, "det": self.detection(bev), "pred": prediction}
+
+    def losses_and_features(self, inputs=None, targets=None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        inputs = self.inputs if inputs is None else inputs
+        targets = self.targets if targets is None else targets
+        out = self(inputs)
+        losses = {t: (targets[t] * out[t]).mean() for t in TASKS}
+        return losses, [out["bev"], out["step_bev"]]
+
+    def shared(self) -> list[torch.Tensor]:
+        return list(self.trunk.parameters()) + [self.temporal]
+
+    def task_params(self) -> dict[str, list[torch.Tensor]]:
+        prediction = list(self.prediction_step.parameters()) + list(self.prediction_fused.parameters())
+        return {"det": list(self.detection.parameters()), "pred": prediction}
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad.clone() for p in self.parameters()]
+
+
+def run_features_balancer(balancer, model: TwoHeadBEVModel) -> dict[str, float]:
+    model.zero_grad(set_to_none=True)
+    losses, features = model.losses_and_features()
+    return balancer.backward(losses, model.shared(), model.task_params(), features=features)
+
+
+def features_balancer(**options) -> TurboTrainBalancer:
+    return build_balancer("turbotrain", TASKS, space="features", **options)
+
+
+def independent_feature_totals(model: TwoHeadBEVModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(K, N)`` total gradients of each task w.r.t. ``[bev, step_bev]``, outside the balancer."""
+    losses, features = model.losses_and_features()
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], features, retain_graph=True)])
+            for t in TASKS]
+    return torch.stack(rows), features
+
+
+def test_features_space_without_conflict_equals_sum():
+    model = TwoHeadBEVModel(agreeing=True)
+    model.zero_grad(set_to_none=True)
+    sum(model.losses_and_features()[0].values()).backward()
+    expected = model.grads()
+    out = run_features_balancer(features_balancer(), model)
+    for got, want in zip(model.grads(), expected):
+        torch.testing.assert_close(got, want)
+    assert out["conflict_fraction"] == 0.0 and out["conflict"] == 0.0
+
+
+@pytest.mark.parametrize("granularity", ["cell", "sample"])
+def test_features_space_sends_the_block_rule_into_the_trunk(granularity):
+    model = TwoHeadBEVModel(seed=1)
+    jac, features = independent_feature_totals(model)
+    ids, sizes = feature_block_ids([f.shape for f in features], granularity, jac.device)
+    blocks = [jac[:, ids == b] for b in range(len(sizes))]
+    reference = turbotrain_reference(blocks)
+    combined = torch.empty_like(reference)
+    for b, block_update in enumerate(torch.split(reference, sizes.tolist())):
+        combined[ids == b] = block_update
+    for b, g_block in enumerate(blocks):  # no task is opposed in any block
+        assert torch.all(g_block @ combined[ids == b] >= -1e-12)
+    out = run_features_balancer(features_balancer(granularity=granularity), model)
+    # The trunk below step_bev must receive exactly the combined step_bev gradient and the temporal
+    # mix the combined bev gradient (both are TOTAL gradients of the features).
+    bev_part, step_part = torch.split(combined, [features[0].numel(), features[1].numel()])
+    trunk = list(model.trunk.parameters())
+    expected = torch.autograd.grad(features[1], trunk, step_part.view_as(features[1]), retain_graph=True)
+    expected += torch.autograd.grad(features[0], [model.temporal], bev_part.view_as(features[0]))
+    for param, want in zip(trunk + [model.temporal], expected):
+        torch.testing.assert_close(param.grad, want)
+    assert out["conflict_fraction"] > 0  # the seed gives real conflicts, so the rule was exercised
+    assert out["gradnorm/det"] == pytest.approx(jac[0].norm().item())
+    assert out["cosine"] == pytest.approx((jac[0] @ jac[1] / (jac[0].norm() * jac[1].norm())).item())
+
+
+def test_features_space_heads_get_only_their_own_task_gradient():
+    model = TwoHeadBEVModel(seed=2)
+    run_features_balancer(features_balancer(), model)
+    losses, _ = model.losses_and_features()
+    for task, params in model.task_params().items():
+        own = torch.autograd.grad(losses[task], params, retain_graph=True)
+        for param, want in zip(params, own):
+            torch.testing.assert_close(param.grad, want)
+
+
+def test_features_space_gradient_accumulation_adds():
+    model = TwoHeadBEVModel(seed=3)
+    run_features_balancer(features_balancer(), model)
+    once = model.grads()
+    balancer = features_balancer()
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):
+        losses, features = model.losses_and_features()
+        balancer.backward(losses, model.shared(), model.task_params(), features=features)
+    for got, single in zip(model.grads(), once):
+        torch.testing.assert_close(got, 2 * single)
+
+
+def test_features_space_rejects_missing_misordered_or_bypassed_features():
+    model = TwoHeadBEVModel(seed=4)
+    balancer = features_balancer()
+    losses, features = model.losses_and_features()
+    with pytest.raises(ConfigError, match="'features' key"):
+        balancer.backward(losses, model.shared(), model.task_params())
+    with pytest.raises(ConfigError, match="listed after it"):
+        balancer.backward(losses, model.shared(), model.task_params(), features=features[::-1])
+    # The detection head read as "shared" would lose its gradient: it sits after the features.
+    heads = model.task_params()
+    with pytest.raises(ConfigError, match="without passing through"):
+        balancer.backward(losses, model.shared() + heads["det"], {"pred": heads["pred"]}, features=features)
+
+
+def test_feature_block_layout():
+    shapes = [torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 3, 2, 2])]  # bev (B,C,H,W), step_bev (B,T,C,H,W)
+    ids, sizes = feature_block_ids(shapes, "cell", torch.device("cpu"))
+    bev_ids, step_ids = ids[:24].view(shapes[0]), ids[24:].view(shapes[1])
+    assert torch.equal(bev_ids[:, 0].flatten(), torch.arange(8))  # one block per sample and cell ...
+    assert torch.equal(bev_ids[:, 0], bev_ids[:, 2])  # ... holding all channels
+    assert torch.equal(step_ids[:, 3, 2], step_ids[:, 0, 0])  # and all steps of a step map
+    assert step_ids.min() == 8 and sizes.tolist() == [3] * 8 + [12] * 8  # blocks never span two features
+    ids, sizes = feature_block_ids(shapes, "sample", torch.device("cpu"))
+    assert torch.equal(ids[:24], torch.arange(2).repeat_interleave(12)) and sizes.tolist() == [12, 12, 48, 48]
+
+
+def test_turbotrain_space_options_are_validated():
+    with pytest.raises(ConfigError):
+        build_balancer("turbotrain", TASKS, space="representation")
+    with pytest.raises(ConfigError):
+        features_balancer(granularity="tensor")
+    with pytest.raises(ConfigError):
+        build_balancer("turbotrain", TASKS, space="parameters", granularity="cell")
+    with pytest.raises(ConfigError):
+        features_balancer(trailing_fraction=0.5)
+    assert features_balancer().needs_features
+    assert not build_balancer("turbotrain", TASKS, space="parameters").needs_features
+    assert not any(build_balancer(n, TASKS).needs_features for n in BALANCERS.names() if n != "turbotrain")
+
+
+def bev_dataset(num_samples: int = 8) -> TensorDataset:
+    data = TwoHeadBEVModel(agreeing=True, batch=num_samples)
+    return TensorDataset(data.inputs, data.targets["det"], data.targets["pred"])
+
+
+def bev_step(model: TwoHeadBEVModel, batch) -> dict:
+    inputs, det_target, pred_target = batch
+    losses, features = model.losses_and_features(inputs, {"det": det_target, "pred": pred_target})
+    return {**losses, "features": features}
+
+
+def fit_bev_model(balancer, run_dir, step_fn=bev_step) -> tuple[TwoHeadBEVModel, dict]:
+    model = TwoHeadBEVModel(agreeing=True)
+    config = TrainConfig(max_steps=2, batch_size=2, grad_accum_steps=2, lr=1e-3, seed=0, device="cpu")
+    summary = fit(model, step_fn, balancer, bev_dataset(), config, run_dir,
+                  shared_params=model.shared(), task_params=model.task_params())
+    return model, summary
+
+
+def test_engine_passes_features_to_a_features_balancer(tmp_path):
+    # Agreeing tasks: TurboTrain on the features must train exactly like the plain sum.
+    reference, _ = fit_bev_model(build_balancer("sum", TASKS), tmp_path / "sum")
+    model, summary = fit_bev_model(features_balancer(), tmp_path / "features")
+    assert sorted(summary["final_losses"]) == TASKS  # "features" is not mistaken for a task loss
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    def without_features(model: TwoHeadBEVModel, batch) -> dict:
+        return {k: v for k, v in bev_step(model, batch).items() if k != "features"}
+
+    with pytest.raises(ConfigError, match="'features' key"):
+        fit_bev_model(features_balancer(), tmp_path / "missing", without_features)

@@ -18,14 +18,13 @@ from snakemake.utils import update_config
 from pipeline_helpers import SMOKE_CONFIG, Finished, copy_repo, run_command
 from turbotrain.utils.atomic import write_yaml
 
-# The stages and Snakemake targets the round trip covers: the data part of the smoke DAG for now.
-# Once the training verbs exist: DVC_STAGES = ("dataset", "cache", "results") and
-# SNAKEMAKE_TARGETS = ("all",).
-DVC_STAGES = ("dataset", "cache")
-SNAKEMAKE_TARGETS = tuple(f"data/cache/synthetic_smoke/{split}" for split in ("train", "val", "test"))
-# A parameter only the fusion cache depends on: changing it must rerun `cache` and nothing upstream.
-CHANGED_SECTION, CHANGED_KEY = "cache", "sample_stride"
-RERUN_STAGE, KEPT_STAGE = "cache", "dataset"
+# The round trip covers the whole smoke DAG.
+DVC_STAGES = ("dataset", "cache", "results")
+SNAKEMAKE_TARGETS = ("all",)
+# A parameter only evaluation depends on: DVC reruns `results`, in which Snakemake re-evaluates the
+# trained checkpoints without retraining them, and nothing upstream.
+CHANGED_SECTION, CHANGED_KEY, NEW_VALUE = "evaluation", "score_threshold", 0.1
+RERUN_STAGE, KEPT_STAGES = "results", ("dataset", "cache")
 GIT_IDENTITY = ["-c", "user.name=turbotrain-test", "-c", "user.email=test@turbotrain.invalid"]
 
 
@@ -48,10 +47,10 @@ def install_smoke_config(project: Path) -> None:
     write_yaml(config_path, config)
 
 
-def edit_param(project: Path, section: str, key: str) -> None:
+def edit_param(project: Path, section: str, key: str, value) -> None:
     config_path = project / "config" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
-    config[section][key] -= 1
+    config[section][key] = value
     write_yaml(config_path, config)
 
 
@@ -63,9 +62,9 @@ def commit_lock(repo: Path, message: str) -> None:
     git(repo, "commit", "-q", "-m", message)
 
 
-def out_hash(repo: Path, stage: str) -> str:
+def out_hashes(repo: Path, stage: str) -> dict[str, str]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return lock["stages"][stage]["outs"][0]["md5"]
+    return {out["path"]: out["md5"] for out in lock["stages"][stage]["outs"]}
 
 
 def ran_stages(repro: Finished) -> set[str]:
@@ -108,14 +107,19 @@ def test_fresh_clone_after_pull_reruns_nothing(pulled_clone):
 
 @pytest.mark.slow
 def test_changed_param_reruns_only_dependent_stages(pulled_clone):
-    kept_before, rerun_before = out_hash(pulled_clone, KEPT_STAGE), out_hash(pulled_clone, RERUN_STAGE)
-    edit_param(pulled_clone, CHANGED_SECTION, CHANGED_KEY)
+    kept_before = {stage: out_hashes(pulled_clone, stage) for stage in KEPT_STAGES}
+    rerun_before = out_hashes(pulled_clone, RERUN_STAGE)
+    edit_param(pulled_clone, CHANGED_SECTION, CHANGED_KEY, NEW_VALUE)
 
     status = dvc(pulled_clone, "status", *DVC_STAGES).output
-    assert f"{RERUN_STAGE}:" in status and f"{KEPT_STAGE}:" not in status, status
+    assert f"{RERUN_STAGE}:" in status and not any(f"{k}:" in status for k in KEPT_STAGES), status
     repro = dvc(pulled_clone, "repro", *DVC_STAGES)
     assert ran_stages(repro) == {RERUN_STAGE}
-    # Snakemake, not DVC, picked the jobs: the fusion jobs reran, the data generation did not.
-    assert "rule fuse:" in repro.output and "rule generate:" not in repro.output
-    assert out_hash(pulled_clone, KEPT_STAGE) == kept_before
-    assert out_hash(pulled_clone, RERUN_STAGE) != rerun_before
+    # Snakemake, not DVC, picked the jobs: evaluations reran, training and data did not.
+    assert "rule evaluate:" in repro.output
+    assert not any(f"rule {r}:" in repro.output for r in ("finetune", "pretrain", "fuse", "generate"))
+    assert {stage: out_hashes(pulled_clone, stage) for stage in KEPT_STAGES} == kept_before
+    rerun_after = out_hashes(pulled_clone, RERUN_STAGE)
+    changed = {path for path in rerun_after if rerun_after[path] != rerun_before.get(path)}
+    assert any(path.startswith("results/metrics") for path in changed), changed
+    assert not any(path.startswith("runs/") for path in changed), changed

@@ -37,7 +37,7 @@ FINETUNE_LOG = f"logs/finetune/{DATASET}/{RUN_ID}.log"
 MAX_STEPS = 40
 # Enough steps that the job is still training when its first checkpoint appears; few curve samples
 # keep the per-checkpoint evaluation hook cheap while still exercising it.
-RESUMABLE_TRAINING = {"train": {"max_steps": MAX_STEPS, "checkpoint_every": 2},
+RESUMABLE_TRAINING = {"train": {"max_steps": MAX_STEPS, "checkpoint_every": 2}, "finetune": {"joint": {"max_steps": MAX_STEPS}},
                       "evaluation": {"curve_samples": 2}}
 STARTUP_TIMEOUT_S = 300
 SNAKEMAKE_OUT = "snakemake.out"
@@ -169,7 +169,7 @@ def test_config_typo_fails_in_validation_before_any_job(tmp_path):
     for extra in (["-n"], []):  # a dry run, and a real one that must not start a job either
         done = pipe.run("all", extra=extra)
         assert done.returncode != 0, done.output
-        assert TYPO in done.output, done.output
+        assert "Error validating config file" in done.output and TYPO in done.output, done.output
         assert "Job stats" not in done.output, done.output
     assert not any(pipe.path(folder).exists() for folder in ("data", "logs", "runs", "results"))
 
@@ -184,5 +184,6 @@ def test_config_typo_fails_the_cli_naming_the_key(tmp_path):
                         "--out", CACHE], workdir)
 
     assert done.returncode == 2, done.output
-    assert TYPO in done.output and "grid" in done.output, done.output
+    assert "invalid configuration" in done.output and "grid: Additional properties" in done.output, done.output
+    assert TYPO in done.output, done.output
     assert not (workdir / "data").exists()

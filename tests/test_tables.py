@@ -173,3 +173,12 @@ def test_fixture_folder_is_not_modified(tmp_path, frame):
     shutil.copytree(FIXTURES, copy)
     main_table(metrics_frame(sorted(copy.glob("*/metrics.json"))), tmp_path / "out" / "main.csv", experiment="main")
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in FIXTURES.iterdir())
+
+
+def test_main_table_reports_ap_per_class_and_iou_and_training_hours(frame, tmp_path):
+    table = main_table(frame, tmp_path / "main.csv", experiment="main")
+    per_class = [c for c in table.columns if c.startswith("ap@") and c.endswith("_mean")]
+    expected = {f"{c}_mean" for c in frame.columns if c.startswith("ap@") and c.count("/") == 1}
+    assert expected and set(per_class) == expected and "ap@0.5/car_mean" in expected
+    assert not any("m/" in c or c.count("/") > 1 for c in per_class)  # no per-range columns here
+    assert {"cpu_hours_mean", "gpu_hours_mean", "min_ade_mean", "mr_mean", "epa_mean"} <= set(table.columns)

@@ -57,7 +57,8 @@ def expand_runs(config: dict, table: str | None = None) -> list[Run]:
     for group in config["experiments"]["groups"]:
         if table is not None and table not in group["tables"]:
             continue
-        axes = [group["fusion"], group["pretrain"], group["recipe"], group["balancer"], group["label_fraction"], seeds]
+        axes = [group["fusion"], group["pretrain"], group["recipe"], group["balancer"], group["label_fraction"],
+                group.get("seeds", seeds)]
         for fusion, pretrain, recipe, balancer, fraction, seed in itertools.product(*axes):
             # the manual recipe weights its joint stage by hand: its balancer is always `fixed`
             balancer = "fixed" if recipe == "multistage" else balancer

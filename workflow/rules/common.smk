@@ -25,7 +25,7 @@ def _write_effective_config():
     if os.path.exists(EFFECTIVE_CONFIG) and open(EFFECTIVE_CONFIG).read() == text:
         return
     os.makedirs(os.path.dirname(EFFECTIVE_CONFIG), exist_ok=True)
-    tmp = EFFECTIVE_CONFIG + ".partial"
+    tmp = f"{EFFECTIVE_CONFIG}.partial"
     with open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, EFFECTIVE_CONFIG)
@@ -38,6 +38,13 @@ def section_hash(*keys):
     return config_hash({k: config[k] for k in keys})
 
 
+def dataset_hash():
+    """What the raw data depends on: the generator's process count changes how fast, not what."""
+    dataset = dict(config["dataset"])
+    dataset["synthetic_overrides"] = {k: v for k, v in dataset["synthetic_overrides"].items() if k != "workers"}
+    return config_hash({"dataset": dataset, "seed": config["seed"]})
+
+
 def gpu_resources():
     """GPU request of a training job; `resources.use_gpu: false` turns it off (CI, CPU clusters)."""
     r = config["resources"]
@@ -46,6 +53,11 @@ def gpu_resources():
 
 def run_from_wildcards(w) -> Run:
     return Run(DATASET, w.fusion, w.pretrain, w.recipe, w.balancer, float(w.fraction), int(w.seed))
+
+
+def trained_checkpoint(w):
+    """Late fusion evaluates the checkpoint trained without fusion."""
+    return f"{run_from_wildcards(w).train_dir}/final.pt"
 
 
 def cache_split(split):

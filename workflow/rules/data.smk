@@ -4,11 +4,13 @@
 if config["dataset"]["source"] == "synthetic":
 
     rule generate:
+        conda:
+            "../../environment.yml"
         output:
             directory(raw_root(config)),
         params:
             cfg=EFFECTIVE_CONFIG,
-            depends=section_hash("dataset", "seed"),
+            depends=dataset_hash(),
         threads: config["dataset"]["synthetic_overrides"].get("workers", 1)
         log:
             f"logs/generate/{DATASET}.log",
@@ -20,6 +22,8 @@ if config["dataset"]["source"] == "synthetic":
 elif config["dataset"]["source"] == "download":
 
     rule download:
+        conda:
+            "../../environment.yml"
         output:
             directory(raw_root(config)),
         params:
@@ -32,13 +36,15 @@ elif config["dataset"]["source"] == "download":
 
 
 rule fuse:
+    conda:
+        "../../environment.yml"
     input:
         raw_root(config),
     output:
         directory(f"{config['cache']['root']}/{DATASET}/{{split}}"),
     params:
         cfg=EFFECTIVE_CONFIG,
-        root=f"{config['cache']['root']}/{DATASET}",
+        root=lambda w, output: os.path.dirname(output[0]),
         depends=section_hash("cache", "grid", "classes", "seed"),
     wildcard_constraints:
         split="train|val|test",
@@ -51,13 +57,15 @@ rule fuse:
 
 
 rule show_sample:
+    conda:
+        "../../environment.yml"
     input:
         cache_split("val"),
     output:
         f"results/figures/{DATASET}_sample_bev.png",
     params:
         cfg=EFFECTIVE_CONFIG,
-        root=f"{config['cache']['root']}/{DATASET}",
+        root=lambda w, input: os.path.dirname(input[0]),
     log:
         f"logs/show/{DATASET}.log",
     shell:

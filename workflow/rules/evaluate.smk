@@ -1,11 +1,9 @@
 # Evaluation: one metrics JSON per run. Late fusion evaluates the no-fusion checkpoint per agent.
 
 
-def trained_checkpoint(w):
-    return f"{run_from_wildcards(w).train_dir}/final.pt"
-
-
 rule evaluate:
+    conda:
+        "../../environment.yml"
     input:
         checkpoint=trained_checkpoint,
         test=cache_split(config["evaluation"]["split"]),
@@ -13,7 +11,7 @@ rule evaluate:
         "results/metrics/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}.json" % DATASET,
     params:
         cfg=EFFECTIVE_CONFIG,
-        root=f"{config['cache']['root']}/{DATASET}",
+        root=lambda w, input: os.path.dirname(input.test),
         train_bench=lambda w: "benchmarks/finetune/%s/%s/%s/%s-%s/lf%s/seed%s.tsv"
         % (DATASET, run_from_wildcards(w).trained_fusion, w.pretrain, w.recipe, w.balancer, w.fraction, w.seed),
         depends=section_hash("evaluation"),

@@ -3,6 +3,8 @@
 
 
 rule finetune:
+    conda:
+        "../../environment.yml"
     input:
         train=cache_split("train"),
         # the training curve scores `evaluation.curve_samples` val samples at each checkpoint
@@ -13,7 +15,7 @@ rule finetune:
         summary="runs/finetune/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}/summary.json" % DATASET,
     params:
         cfg=EFFECTIVE_CONFIG,
-        root=f"{config['cache']['root']}/{DATASET}",
+        root=lambda w, input: os.path.dirname(input.train),
         run_dir=lambda w, output: os.path.dirname(output.checkpoint),
         pretrained=lambda w, input: f"--pretrained {input.pretrained}" if input.pretrained else "",
         launch=launcher,

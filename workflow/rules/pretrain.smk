@@ -2,13 +2,15 @@
 
 
 rule pretrain:
+    conda:
+        "../../environment.yml"
     input:
         train=cache_split("train"),
     output:
         pretrain_path(DATASET, "{fusion}", "{pretrain}"),
     params:
         cfg=EFFECTIVE_CONFIG,
-        root=f"{config['cache']['root']}/{DATASET}",
+        root=lambda w, input: os.path.dirname(input.train),
         run_dir=lambda w, output: os.path.dirname(output[0]),
         launch=launcher,
         depends=section_hash("pretrain", "model", "grid", "seed"),
@@ -27,6 +29,8 @@ rule pretrain:
 
 
 rule show_masking:
+    conda:
+        "../../environment.yml"
     input:
         pretrained=pretrain_path(DATASET, "{fusion}", "{pretrain}"),
         val=cache_split("val"),
@@ -34,8 +38,10 @@ rule show_masking:
         f"results/figures/{DATASET}_masking_{{fusion}}_{{pretrain}}.png",
     params:
         cfg=EFFECTIVE_CONFIG,
-        root=f"{config['cache']['root']}/{DATASET}",
+        root=lambda w, input: os.path.dirname(input.val),
         objective=lambda w, input: os.path.join(os.path.dirname(input.pretrained), "objective.pt"),
+    wildcard_constraints:
+        fusion="none|early|fcooper|attfuse|v2xvit",
     log:
         f"logs/show_masking/{DATASET}_{{fusion}}_{{pretrain}}.log",
     shell:

@@ -2,6 +2,8 @@
 
 
 rule table:
+    conda:
+        "../../environment.yml"
     input:
         lambda w: [r.metrics_path for r in expand_runs(config, w.table)],
     output:
@@ -18,6 +20,8 @@ rule table:
 
 
 rule figure:
+    conda:
+        "../../environment.yml"
     input:
         lambda w: [r.metrics_path for r in RUNS],
     output:

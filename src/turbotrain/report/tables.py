@@ -18,7 +18,7 @@ import pandas as pd
 from turbotrain.utils.atomic import atomic_open, write_text
 from turbotrain.utils.errors import ConfigError
 
-MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr", "wall_s")
+MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr", "wall_s", "gpu_hours", "cpu_hours")
 ABLATION_METRICS = ("map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr")
 DATA_EFFICIENCY_METRICS = ("map@0.3", "map@0.5", "epa", "min_fde")
 EFFICIENCY_METRICS = ("wall_s", "epochs", "gpu_hours", "cpu_hours", "time_to_ap50_s", "time_to_epa_s", "map@0.5", "epa")
@@ -131,10 +131,16 @@ def _build_and_write(frame, rows, metrics, csv_path) -> pd.DataFrame:
     return table
 
 
+def per_class_ap_columns(frame: pd.DataFrame) -> list[str]:
+    """``ap@<iou>/<class>`` columns (not the per-range ones), in IoU then class order."""
+    return sorted(c for c in frame.columns if c.startswith("ap@") and c.count("/") == 1)
+
+
 def main_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
                rows: Sequence[str] = ("dataset", "fusion", "variant"),
-               metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:
-    """Variants compared on every reported accuracy metric and wall time; writes CSV + Markdown."""
+               metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Variants compared on AP per class and IoU, mAP, prediction metrics and training cost."""
+    metrics = [*per_class_ap_columns(frame), *MAIN_METRICS] if metrics is None else metrics
     return _build_and_write(_select(frame, experiment), list(rows), metrics, csv_path)
 
 

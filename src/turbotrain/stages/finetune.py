@@ -21,7 +21,6 @@ from turbotrain.train.checkpoint import load_checkpoint, save_checkpoint
 from turbotrain.train.engine import fit
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.seed import seed_everything
-from turbotrain.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,7 @@ class Stage:
     tasks: list[str]
     agents: str  # ego | all
     epochs: float
+    max_steps: int | None
     balancer: str
     balancer_options: dict = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
@@ -41,22 +41,26 @@ def recipe_stages(config: dict, run: Run) -> list[Stage]:
     """Joint = one stage with the run's balancer; multistage = the configured stages, fixed weights."""
     options = config["finetune"]["balancer_options"]
     if run.recipe == "joint":
-        return [Stage("joint", list(TASKS), "all", config["finetune"]["joint"]["epochs"], run.balancer,
+        joint = config["finetune"]["joint"]
+        return [Stage("joint", list(TASKS), "all", joint["epochs"], joint["max_steps"], run.balancer,
                       dict(options.get(run.balancer, {})))]
     stages = []
     for s in config["finetune"]["multistage"]["stages"]:
         weights = {t: s["loss_weights"].get(t, 1.0) for t in s["tasks"]}
-        stages.append(Stage(s["name"], list(s["tasks"]), s["agents"], s["epochs"], "fixed", {"weights": weights},
-                            list(s["freeze"])))
+        stages.append(Stage(s["name"], list(s["tasks"]), s["agents"], s["epochs"], s["max_steps"], "fixed",
+                            {"weights": weights}, list(s["freeze"])))
     return stages
 
 
 def task_step(tasks: list[str]):
-    """Engine step function returning the stage's task losses and every loss term for the logs."""
+    """Engine step function returning the stage's task losses, every loss term for the logs and the
+    shared maps both heads read (``bev`` from ``step_bev``: heads' side first), for balancers that
+    work on the shared representation."""
     def step(model, batch):
-        losses = unwrap(model).losses(model(batch), batch)
+        outputs = model(batch)
+        losses = unwrap(model).losses(outputs, batch)
         logged = {k: v.detach() for k, v in losses.items() if k not in TASKS}
-        return {**{t: losses[t] for t in tasks}, "log": logged}
+        return {**{t: losses[t] for t in tasks}, "log": logged, "features": [outputs["bev"], outputs["step_bev"]]}
     return step
 
 
@@ -163,7 +167,8 @@ def _run_stage(config, run, cache_root, model, stage: Stage, stage_dir: Path, pr
     for p in model.parameters():  # the engine freezes by prefix; earlier stages' freezes must not leak
         p.requires_grad_(True)
     balancer = build_balancer(stage.balancer, stage.tasks, **stage.balancer_options)
-    cfg = train_config(config["train"], len(data), run.seed, config["device"], epochs=stage.epochs,
+    section = {**config["train"], "max_steps": stage.max_steps or config["train"]["max_steps"]}
+    cfg = train_config(section, len(data), run.seed, config["device"], epochs=stage.epochs,
                        freeze_prefixes=tuple(f"{group}." for group in stage.freeze))
     log.info("stage %s: %d samples (%s), tasks %s, balancer %s, frozen %s", stage.name, len(data), mode,
              stage.tasks, stage.balancer, stage.freeze or "nothing")

@@ -1,9 +1,11 @@
 """The model-agnostic training loop shared by pretraining and fine-tuning.
 
 :func:`fit` trains any ``nn.Module`` given a ``step_fn(model, batch) -> {task: loss, "log": {...}}``
-and a multi-task balancer (``turbotrain.train.balancers``), which turns the task losses into
-``.grad``. The engine owns everything around that: data order, accumulation, AdamW + warmup/cosine,
-clipping, mixed precision, data parallelism, checkpoints, resumption and logging.
+(plus ``"features": [...]``, the shared tensors the heads read, for balancers that set
+``needs_features``) and a multi-task balancer (``turbotrain.train.balancers``), which turns the
+task losses into ``.grad``. The engine owns everything around that: data order, accumulation,
+AdamW + warmup/cosine, clipping, mixed precision, data parallelism, checkpoints, resumption and
+logging.
 
 Reproducibility contract:
 
@@ -61,6 +63,7 @@ from turbotrain.utils.seed import seed_everything
 StepFn = Callable[[nn.Module, Any], Mapping[str, Any]]
 CheckpointHook = Callable[[int, nn.Module], None]
 LOG_KEY = "log"
+FEATURES_KEY = "features"  # shared tensors the heads read; for balancers with ``needs_features``
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WORKER_SEED_STREAM = 1  # separates the worker seeds from the permutation drawn from (seed, epoch)
 
@@ -349,6 +352,7 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES.get(cfg.amp) if ctx.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.balancer_needs_losses_after = needs_losses_after(balancer)
+        self.balancer_needs_features = bool(getattr(balancer, "needs_features", False))
         self.files = CheckpointFiles(run_dir, cfg.final_name)
         self.progress = Progress()
         self.resumed_from = 0
@@ -410,15 +414,17 @@ class Trainer:
             self._callback_s += time.perf_counter() - started
 
     # ---- one optimizer step
-    def _forward(self, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _forward(self, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[torch.Tensor] | None]:
+        """Task losses, logged details and the shared features (None when not returned)."""
         autocast = (contextlib.nullcontext() if self.amp_dtype is None
                     else torch.autocast(self.ctx.device.type, dtype=self.amp_dtype))
         with autocast:
             out = dict(self.step_fn(self.model, batch))
         details = dict(out.pop(LOG_KEY, {}) or {})
+        features = out.pop(FEATURES_KEY, None)
         if not out:
             raise ConfigError("step_fn returned no task losses")
-        return out, details
+        return out, details, features
 
     def _global_values(self, losses: Mapping[str, torch.Tensor],
                        details: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
@@ -438,12 +444,15 @@ class Trainer:
         if hasattr(self.balancer, "diagnostics"):
             self.balancer.diagnostics = enabled
 
-    def _balanced_backward(self, losses: dict[str, torch.Tensor],
-                           diagnostics_step: bool) -> dict[str, float]:
+    def _balanced_backward(self, losses: dict[str, torch.Tensor], diagnostics_step: bool,
+                           features: list[torch.Tensor] | None) -> dict[str, float]:
         self._set_balancer_diagnostics(diagnostics_step)
         if self.scaler.is_enabled():
             losses = scale_gradients(losses, self._loss_scale())
-        diag = self.balancer.backward(losses, self.shared_params, self.task_params, step=self.progress.step)
+        # Only balancers that declare needs_features get the keyword, so others keep the 4-argument API.
+        extra = {"features": features} if self.balancer_needs_features else {}
+        diag = self.balancer.backward(losses, self.shared_params, self.task_params, step=self.progress.step,
+                                      **extra)
         return {k: float(v) for k, v in (diag or {}).items()}
 
     def _loss_scale(self) -> torch.Tensor:
@@ -484,7 +493,7 @@ class Trainer:
         if not self.balancer_needs_losses_after:
             return
         with torch.no_grad(), no_gradient_sync(self.model):
-            losses, _ = self._forward(batch)
+            losses, _, _ = self._forward(batch)
         self.balancer.update({k: v.detach() for k, v in losses.items()})
         average_floating_buffers(self.balancer, self.ctx)
 
@@ -504,10 +513,10 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = move_to_device(batch, self.ctx.device)
             with no_gradient_sync(self.model):
-                losses, local_details = self._forward(batch)
+                losses, local_details, features = self._forward(batch)
                 task_values, details = self._global_values(losses, local_details)
                 last_micro_batch = i == len(micro_batches) - 1
-                diagnostics = self._balanced_backward(losses, diagnostics_step and last_micro_batch)
+                diagnostics = self._balanced_backward(losses, diagnostics_step and last_micro_batch, features)
             for k, v in task_values.items():
                 sums[k] = sums.get(k, 0.0) + v
         grad_norm = self._apply_update()
@@ -609,9 +618,10 @@ def fit(model: nn.Module, step_fn: StepFn, balancer: Any, dataset: Dataset, conf
     """Train ``model`` and return a summary (steps, epochs, wall_s, final_losses, device, world_size).
 
     ``step_fn(model, batch)`` returns ``{task: scalar loss (mean over its micro-batch), ...}`` and
-    optionally ``"log": {name: scalar}``; under torchrun ``model`` is the DDP wrapper, so call
+    optionally ``"log": {name: scalar}`` and ``"features": [tensor, ...]`` (passed to balancers with
+    ``needs_features``, never treated as a loss); under torchrun ``model`` is the DDP wrapper, so call
     ``model(...)`` and reach attributes through ``distributed.unwrap_model(model)``.
-    ``balancer.backward(losses, shared_params, task_params, step)`` fills ``.grad``;
+    ``balancer.backward(losses, shared_params, task_params, step[, features])`` fills ``.grad``;
     ``shared_params`` defaults to every trainable parameter. A run directory holding ``last.pt``
     is resumed from it. ``on_checkpoint(step, model)`` runs on rank 0 after each checkpoint; its
     time is excluded from ``wall_s``.

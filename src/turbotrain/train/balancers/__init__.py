@@ -1,7 +1,8 @@
 """Multi-task balancers: pick one by name with :func:`build_balancer`.
 
-Every balancer is an ``nn.Module`` with ``backward(losses, shared_params, task_params, step)``
-(fills ``.grad``, accumulating), ``end_epoch(epoch_losses)`` and ``update(losses_after)``; see
+Every balancer is an ``nn.Module`` with ``backward(losses, shared_params, task_params, step,
+features)`` (fills ``.grad``, accumulating), ``end_epoch(epoch_losses)`` and
+``update(losses_after)``, and says with ``needs_features`` whether it uses ``features``; see
 :class:`~turbotrain.train.balancers.base.Balancer`.
 """
 from __future__ import annotations

@@ -10,6 +10,10 @@ tasks are: it sees named scalar losses, the shared (trunk) parameters and, per t
   plain gradient.
 
 Both accumulate into ``.grad`` exactly like ``loss.backward()`` so gradient accumulation works.
+
+A balancer that combines gradients of the shared REPRESENTATION instead of the shared parameters
+(TurboTrain with ``space="features"``) sets ``needs_features``; the engine then also hands it the
+shared tensors the heads read, which the step function returns under ``"features"``.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ class Balancer(nn.Module, ABC):
 
     ``diagnostics`` is a public attribute: the training engine switches it on every N steps to get
     per-task gradient norms and cosines from methods that do not compute per-task gradients anyway.
+    ``needs_features`` tells the engine to pass the step's shared feature tensors to ``backward``.
     """
+
+    needs_features: bool = False
 
     def __init__(self, task_names: Sequence[str], diagnostics: bool = False):
         super().__init__()
@@ -48,11 +55,13 @@ class Balancer(nn.Module, ABC):
         shared_params: list[Tensor],
         task_params: dict[str, list[Tensor]] | None = None,
         step: int = 0,
+        features: list[Tensor] | None = None,
     ) -> dict[str, float]:
         """Accumulate the balanced gradient into ``.grad``; return scalar diagnostics.
 
         ``step`` is the global optimisation step, passed for methods with schedules; the built-in
-        methods do not depend on it.
+        methods do not depend on it. ``features`` are the shared tensors the task heads read,
+        listed from the heads' side inwards; only balancers with ``needs_features`` use them.
         """
 
     def end_epoch(self, epoch_losses: dict[str, float]) -> None:
@@ -199,6 +208,7 @@ class LossWeightingBalancer(Balancer):
         shared_params: list[Tensor],
         task_params: dict[str, list[Tensor]] | None = None,
         step: int = 0,
+        features: list[Tensor] | None = None,
     ) -> dict[str, float]:
         loss_vector = self.stack_losses(losses)
         weights = self.loss_weights(loss_vector).detach()
@@ -243,6 +253,7 @@ class GradientCombinationBalancer(Balancer):
         shared_params: list[Tensor],
         task_params: dict[str, list[Tensor]] | None = None,
         step: int = 0,
+        features: list[Tensor] | None = None,
     ) -> dict[str, float]:
         loss_vector = self.stack_losses(losses)
         plain, balanced = self.split_shared(list(shared_params))

@@ -99,8 +99,9 @@ class FAMOBalancer(LossWeightingBalancer):
         shared_params: list[Tensor],
         task_params: dict[str, list[Tensor]] | None = None,
         step: int = 0,
+        features: list[Tensor] | None = None,
     ) -> dict[str, float]:
-        diagnostics = super().backward(losses, shared_params, task_params, step)
+        diagnostics = super().backward(losses, shared_params, task_params, step, features)
         z = self.task_weights().tolist()
         diagnostics.update({f"famo_z/{n}": v for n, v in zip(self.task_names, z)})
         return diagnostics
