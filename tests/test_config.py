@@ -49,3 +49,36 @@ def test_grid_expansion_is_stable_and_checks_variants():
                                          "recipe": ["joint"], "balancer": ["sum"], "label_fraction": [1.0]})
     with pytest.raises(ValueError, match="nope"):
         expand_runs(cfg)
+
+
+def merged(*files):
+    """The config Snakemake builds from config/config.yaml plus --configfile files (dicts merge)."""
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load(open("config/config.yaml"))
+    for path in files:
+        update_config(config, yaml.safe_load(open(path)))
+    return validate_config(config)
+
+
+def test_paper_grid_trains_in_epochs_not_the_cpu_step_budget():
+    from turbotrain.experiments import Run
+    from turbotrain.stages.common import train_config
+    from turbotrain.stages.finetune import recipe_stages
+
+    cfg = merged("config/paper.yaml")
+    assert cfg["pretrain"]["train"]["max_steps"] is None and cfg["finetune"]["joint"]["max_steps"] is None
+    pre = train_config(cfg["pretrain"]["train"], 4000, 0, "cpu")
+    assert pre.max_steps == 15 * 4000 // 4
+    joint = recipe_stages(cfg, Run("v2xpnp", "attfuse", "spatiotemporal", "joint", "turbotrain", 1.0, 0))[0]
+    assert joint.max_steps is None
+    steps = train_config({**cfg["train"], "max_steps": joint.max_steps}, 8000, 0, "cpu", epochs=joint.epochs).max_steps
+    assert steps == 20 * 8000 // 8
+    multistage = recipe_stages(cfg, Run("v2xpnp", "attfuse", "none", "multistage", "fixed", 1.0, 0))
+    assert [s.epochs for s in multistage] == [20, 10, 10, 20]
+
+
+def test_smoke_config_keeps_every_job_seconds_long():
+    cfg = merged("config/smoke.yaml")
+    assert cfg["finetune"]["joint"]["max_steps"] == 3 and cfg["pretrain"]["train"]["max_steps"] == 3
+    assert cfg["train"]["max_steps"] == 3 and cfg["resources"]["use_gpu"] is False

@@ -58,6 +58,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def _run_of(args, config):
     from turbotrain.experiments import Run
 
+    if args.recipe == "multistage" and args.balancer != "fixed":
+        raise ConfigError(f"--balancer {args.balancer}: the multistage recipe weights its losses by hand "
+                          "(finetune.multistage.stages[].loss_weights); use --balancer fixed")
     return Run(config["dataset"]["name"], args.fusion, args.pretrain, args.recipe, args.balancer,
                args.label_fraction, args.seed)
 

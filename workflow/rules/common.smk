@@ -38,11 +38,25 @@ def section_hash(*keys):
     return config_hash({k: config[k] for k in keys})
 
 
+GENERATION_KEYS = ("name", "source", "preset", "synthetic_overrides", "urls", "local_path")
+
+
 def dataset_hash():
-    """What the raw data depends on: the generator's process count changes how fast, not what."""
-    dataset = dict(config["dataset"])
+    """What the raw data depends on; the generator's process count changes how fast, not what."""
+    dataset = {k: config["dataset"][k] for k in GENERATION_KEYS}
     dataset["synthetic_overrides"] = {k: v for k, v in dataset["synthetic_overrides"].items() if k != "workers"}
     return config_hash({"dataset": dataset, "seed": config["seed"]})
+
+
+def fusion_hash():
+    """What the fusion cache depends on besides the raw data."""
+    reading = {k: config["dataset"][k] for k in ("class_map", "on_bad_frame")}
+    return config_hash({"reading": reading, **{k: config[k] for k in ("cache", "grid", "classes", "seed")}})
+
+
+def evaluation_hash():
+    """Evaluation settings that change metrics (the efficiency-table targets only change tables)."""
+    return config_hash({k: v for k, v in config["evaluation"].items() if not k.startswith("target_")})
 
 
 def gpu_resources():

@@ -45,7 +45,7 @@ rule fuse:
     params:
         cfg=EFFECTIVE_CONFIG,
         root=lambda w, output: os.path.dirname(output[0]),
-        depends=section_hash("cache", "grid", "classes", "seed"),
+        depends=fusion_hash(),
     wildcard_constraints:
         split="train|val|test",
     log:

@@ -6,15 +6,14 @@ rule evaluate:
         "../../environment.yml"
     input:
         checkpoint=trained_checkpoint,
+        summary=lambda w: f"{run_from_wildcards(w).train_dir}/summary.json",
         test=cache_split(config["evaluation"]["split"]),
     output:
         "results/metrics/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}.json" % DATASET,
     params:
         cfg=EFFECTIVE_CONFIG,
         root=lambda w, input: os.path.dirname(input.test),
-        train_bench=lambda w: "benchmarks/finetune/%s/%s/%s/%s-%s/lf%s/seed%s.tsv"
-        % (DATASET, run_from_wildcards(w).trained_fusion, w.pretrain, w.recipe, w.balancer, w.fraction, w.seed),
-        depends=section_hash("evaluation"),
+        depends=evaluation_hash(),
     wildcard_constraints:
         fusion="none|early|late|fcooper|attfuse|v2xvit",
         seed=r"\d+",

@@ -13,7 +13,7 @@ rule pretrain:
         root=lambda w, input: os.path.dirname(input.train),
         run_dir=lambda w, output: os.path.dirname(output[0]),
         launch=launcher,
-        depends=section_hash("pretrain", "model", "grid", "seed"),
+        depends=section_hash("pretrain", "model", "grid", "classes", "seed"),
     wildcard_constraints:
         fusion="none|early|fcooper|attfuse|v2xvit",
     resources:

@@ -11,6 +11,7 @@ rule table:
         md="results/tables/{table}.md",
     params:
         cfg=EFFECTIVE_CONFIG,
+        depends=section_hash("evaluation"),
     wildcard_constraints:
         table="main|ablation|efficiency|data_efficiency",
     log:

@@ -172,6 +172,8 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
             row[key] = document["prediction"][key]
     training = document["training"]
     row.update({key: training[key] for key in TRAINING_KEYS})
+    # fine-tuning plus the pretraining it started from (optional: older files and other tools lack it)
+    row["total_wall_s"] = training.get("total_wall_s", training["wall_s"])
     row["curve"] = training.get("curve", [])
     return row
 

@@ -21,7 +21,7 @@ from turbotrain.utils.errors import ConfigError
 MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr", "wall_s", "gpu_hours", "cpu_hours")
 ABLATION_METRICS = ("map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr")
 DATA_EFFICIENCY_METRICS = ("map@0.3", "map@0.5", "epa", "min_fde")
-EFFICIENCY_METRICS = ("wall_s", "epochs", "gpu_hours", "cpu_hours", "time_to_ap50_s", "time_to_epa_s", "map@0.5", "epa")
+EFFICIENCY_METRICS = ("wall_s", "total_wall_s", "epochs", "gpu_hours", "cpu_hours", "time_to_ap50_s", "time_to_epa_s", "map@0.5", "epa")
 BENCHMARK_METRICS = ("bench_s", "bench_cpu_s", "bench_max_rss_mb")
 
 

@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 import math
+import os
+import shutil
+from pathlib import Path
 
-from turbotrain.data.dataset import FusedDataset
+from turbotrain.config import config_hash
+from turbotrain.data.dataset import FusedDataset, load_manifest
 from turbotrain.experiments import FUSION_MODES
 from turbotrain.grid import Grid
 from turbotrain.train.engine import TrainConfig
+from turbotrain.utils.atomic import write_json
+
+log = logging.getLogger(__name__)
 
 TASKS = ("detection", "prediction")
 
@@ -63,3 +73,44 @@ def train_config(section: dict, dataset_size: int, seed: int, device: str, epoch
 def unwrap(model):
     """The module behind a DDP wrapper (the engine passes the wrapper to step functions)."""
     return getattr(model, "module", model)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that writes run outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cache_fingerprint(cache_root: str, split: str = "train") -> str:
+    """What a cache split was built from (its manifest's config hash)."""
+    return load_manifest(Path(cache_root) / split)["config_hash"]
+
+
+def file_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def claim_run_dir(run_dir: Path, inputs: dict) -> None:
+    """Resume a run directory only if it was started from the same inputs; else move it aside.
+
+    The engine resumes any ``last.pt`` it finds. After a change of data, pretrained weights or
+    settings that Snakemake reruns a job for, resuming would silently return the old weights, so
+    an attempt made from other inputs is kept as ``<dir>.stale-<digest>`` and training restarts.
+    """
+    digest = config_hash(inputs)
+    marker = run_dir / "fingerprint.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text())["digest"]
+        if previous != digest:
+            stale = run_dir.with_name(f"{run_dir.name}.stale-{previous}")
+            if stale.exists():
+                shutil.rmtree(stale)
+            run_dir.rename(stale)
+            log.warning("%s was started from other inputs; kept as %s, training from scratch", run_dir, stale)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"digest": digest, "inputs": inputs})

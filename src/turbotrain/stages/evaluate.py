@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from turbotrain.data.sample import AgentFrame, Sample, collate
-from turbotrain.evaluate.detection import DetectionFilter, FrameResult, evaluate_detection
+from turbotrain.evaluate.detection import DetectionFilter, FrameResult, boxes_inside_range, evaluate_detection
 from turbotrain.evaluate.metrics_file import write_metrics
 from turbotrain.evaluate.prediction import PredictionConfig, PredictionFrame, evaluate_prediction
 from turbotrain.experiments import FUSION_MODES, Run
@@ -44,8 +44,12 @@ def single_agent_view(sample: Sample, agent_id: int) -> tuple[Sample, np.ndarray
     return replace(sample, sample_id=f"{split}/{scenario}/{agent_id}/{timestamp}", frames=own), current
 
 
-def late_fusion(predict: Predictor, sample: Sample, nms_iou: float) -> dict:
-    """Late fusion: every agent detects and predicts alone; boxes move to the ego frame, then NMS."""
+def late_fusion(predict: Predictor, sample: Sample, evaluation: dict, grid) -> dict:
+    """Late fusion: every agent detects and predicts alone; boxes move to the ego frame, then NMS.
+
+    Cooperators see beyond the ego's map: their boxes outside the evaluation range are dropped, as
+    an intermediate-fusion model cannot produce them either; NMS is per class, as in the head.
+    """
     agents = sorted({f.agent_id for f in sample.frames})
     parts = []
     for agent_id in agents:
@@ -55,8 +59,19 @@ def late_fusion(predict: Predictor, sample: Sample, nms_iou: float) -> dict:
         moved = xy @ pose[:2, :2].T + pose[:2, 3] if len(xy) else xy
         parts.append({**pred, "boxes": transform_boxes(pred["boxes"], pose).astype(np.float32), "trajectories": moved})
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    keep = rotated_nms(merged["boxes"], merged["scores"], nms_iou)
+    r = grid.point_cloud_range
+    inside = np.flatnonzero(boxes_inside_range(merged["boxes"], (r[0], r[1], r[3], r[4])))
+    keep = inside[classwise_nms(merged["boxes"][inside], merged["scores"][inside], merged["classes"][inside],
+                                evaluation["nms_iou"], evaluation["max_detections"])]
     return {k: v[keep] for k, v in merged.items()}
+
+
+def classwise_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, max_keep: int) -> np.ndarray:
+    """Indices kept by rotated NMS within each class, best ``max_keep`` overall by score."""
+    kept = [np.flatnonzero(classes == c)[rotated_nms(boxes[classes == c], scores[classes == c], iou)]
+            for c in np.unique(classes)]
+    keep = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    return keep[np.argsort(-scores[keep], kind="stable")][:max_keep]
 
 
 def collect(predict: Predictor, data, fusion: str, evaluation: dict, limit: int | None = None,
@@ -67,7 +82,7 @@ def collect(predict: Predictor, data, fusion: str, evaluation: dict, limit: int 
     for start in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch", disable=limit is not None):
         samples = [data[i] for i in range(start, min(start + batch_size, n))]
         if fusion == "late":
-            outputs = [late_fusion(predict, s, evaluation["nms_iou"]) for s in samples]
+            outputs = [late_fusion(predict, s, evaluation, data.grid) for s in samples]
         else:
             outputs = predict(samples)
         for sample, out in zip(samples, outputs):

@@ -1,6 +1,7 @@
 """``turbotrain train``: one fine-tuning run, the manual multi-stage recipe or one balanced joint run."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, Subset
 from turbotrain.data.sample import collate
 from turbotrain.experiments import FUSION_MODES, Run
 from turbotrain.pretrain.transfer import load_pretrained
-from turbotrain.stages.common import TASKS, build_model, dataset, train_config, unwrap
+from turbotrain.stages.common import (TASKS, build_model, cache_fingerprint, claim_run_dir, dataset, file_digest,
+                                     is_main_process, train_config, unwrap)
 from turbotrain.stages.evaluate import Predictor, collect, device_of, evaluation_dataset, score
 from turbotrain.train.balancers import build_balancer
 from turbotrain.train.checkpoint import load_checkpoint, save_checkpoint
@@ -65,12 +67,18 @@ def task_step(tasks: list[str]):
 
 
 class TrainingCurve:
-    """Scores a few validation samples at each checkpoint: AP@0.5 and EPA against training time."""
+    """Scores a few validation samples at each checkpoint: AP@0.5 and EPA against training time.
+
+    Each point scores a copy of the model whose BatchNorm statistics were recomputed on a few
+    training batches, as the final model's are: stale running averages would make a curve measure
+    how fast BN statistics settle rather than how fast the model learns. Scoring time is excluded.
+    """
 
     POINTS_FILE = "curve.json"  # per stage directory, next to the stage's last.pt
 
     def __init__(self, config: dict, run: Run, cache_root: str):
         self.config, self.run = config, run
+        self.train_data = None
         self.limit = config["evaluation"]["curve_samples"]
         self.data = evaluation_dataset(config, cache_root, run.fusion, split="val") if self.limit else None
         self.points: list[dict] = []
@@ -80,23 +88,24 @@ class TrainingCurve:
         if not self.limit:
             return
         began = time.time()
-        predictor = Predictor(unwrap(model), self.config["evaluation"], device_of(self.config))
+        scored = copy.deepcopy(unwrap(model))
+        recalibrate_batchnorm(scored, self.train_data, self.run.seed, batches=4)
+        predictor = Predictor(scored, self.config["evaluation"], device_of(self.config))
         det, pred = score(*collect(predictor, self.data, self.run.fusion, self.config["evaluation"], self.limit),
                           self.config)
-        unwrap(model).train()
         self.points.append({"step": int(step), "wall_s": self.offset + began - self.started - self.hook_s,
                             "ap50": det["map"].get("0.5"), "epa": pred["epa"]})
         write_json(self.stage_dir / self.POINTS_FILE, self.points[self.stage_first:])
         self.hook_s += time.time() - began
 
-    def start_stage(self, offset_s: float, stage_dir: Path) -> None:
+    def start_stage(self, offset_s: float, stage_dir: Path, train_data) -> None:
         """Continue the time axis after ``offset_s`` of earlier training, with the stage in ``stage_dir``.
 
         The points live in memory only until the job ends, so each stage also keeps its own on disk:
         a stage resuming from last.pt (a killed or requeued job) takes back the points scored up to
         that checkpoint and its clock continues from the checkpoint's training time.
         """
-        self.stage_dir, self.stage_first = stage_dir, len(self.points)
+        self.stage_dir, self.stage_first, self.train_data = stage_dir, len(self.points), train_data
         self.offset, self.started, self.hook_s = offset_s, time.time(), 0.0
         if self.limit and (stage_dir / "last.pt").exists():
             progress = load_checkpoint(stage_dir / "last.pt")["progress"]
@@ -118,11 +127,21 @@ def recalibrate_batchnorm(model, data, seed: int, batches: int = 8, batch_size: 
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=generator)[: batches * batch_size].tolist()
     loader = DataLoader(Subset(data, order), batch_size=batch_size, collate_fn=collate)
-    update_bn(loader, model)
+    update_bn(loader, model, device=next(model.parameters()).device)
+
+
+def run_inputs(config: dict, run: Run, cache_root: str, pretrained: str | None) -> dict:
+    """Everything a run's weights depend on: a resumed run must have been started from the same."""
+    sections = ("classes", "grid", "model", "train", "finetune")
+    return {"run": run.as_dict(), "config": {k: config[k] for k in sections},
+            "curve_samples": config["evaluation"]["curve_samples"],
+            "train_cache": cache_fingerprint(cache_root), "pretrained": file_digest(pretrained)}
 
 
 def finetune(config: dict, run: Run, cache_root: str, pretrained: str | None, out_dir: str) -> dict:
     out = Path(out_dir)
+    if is_main_process():
+        claim_run_dir(out, run_inputs(config, run, cache_root, pretrained))
     # The engine seeds only once the model exists; seeding here makes the initial weights (of the
     # parts pretraining does not provide) a function of the run's seed, as a rerun needs.
     seed_everything(run.seed)
@@ -131,37 +150,48 @@ def finetune(config: dict, run: Run, cache_root: str, pretrained: str | None, ou
     if pretrained:
         report = load_pretrained(model, pretrained)
         pretrain_s = float(torch.load(pretrained, map_location="cpu", weights_only=False)["meta"].get("wall_s", 0.0))
-        write_json(out / "transfer.json", report.summary())
+        if is_main_process():
+            write_json(out / "transfer.json", report.summary())
     curve = TrainingCurve(config, run, cache_root)
     stages = recipe_stages(config, run)
     totals = {"wall_s": 0.0, "steps": 0, "epochs": 0.0}
-    previous_final = None
+    previous_final, world_size = None, 1
     for i, stage in enumerate(stages):
         stage_dir = out / "stages" / f"{i + 1}-{stage.name}"
-        curve.start_stage(pretrain_s + totals["wall_s"], stage_dir)
-        summary = _run_stage(config, run, cache_root, model, stage, stage_dir, previous_final, curve)
-        previous_final = stage_dir / "final.pt"
+        summary = _run_stage(config, run, cache_root, model, stage, stage_dir, previous_final, curve,
+                             pretrain_s + totals["wall_s"])
+        previous_final, world_size = stage_dir / "final.pt", summary["world_size"]
         totals["wall_s"] += summary["wall_s"]
         totals["steps"] += summary["steps"]
         totals["epochs"] += float(summary["epochs"])
-    payload = load_checkpoint(previous_final)
+    device = device_of(config)
+    hours = totals["wall_s"] / 3600 * world_size
+    training = {**totals, "device": device.type, "world_size": world_size, "pretrain_wall_s": pretrain_s,
+                "total_wall_s": totals["wall_s"] + pretrain_s,
+                "gpu_hours": hours if device.type == "cuda" else 0.0,
+                "cpu_hours": hours if device.type == "cpu" else 0.0, "curve": curve.points}
+    if is_main_process():
+        _write_final(config, run, cache_root, model, previous_final, out)
+        write_json(out / "summary.json", {"run": run.as_dict(), "stages": [s.__dict__ for s in stages],
+                                          "training": training})
+    return training
+
+
+def _write_final(config: dict, run: Run, cache_root: str, model, last_stage_final: Path, out: Path) -> None:
+    """The last stage's checkpoint with BatchNorm statistics recomputed for the final weights."""
+    payload = load_checkpoint(last_stage_final)
     model.load_state_dict(payload["model"])
     recalibrate_batchnorm(model, dataset(config, cache_root, "train", FUSION_MODES[run.fusion][0], run.label_fraction),
                           run.seed)
     payload["model"] = model.state_dict()
     save_checkpoint(out / "final.pt", payload)
-    device = device_of(config)
-    hours = totals["wall_s"] / 3600
-    training = {**totals, "device": device.type, "pretrain_wall_s": pretrain_s,
-                "gpu_hours": hours if device.type == "cuda" else 0.0,
-                "cpu_hours": hours if device.type == "cpu" else 0.0, "curve": curve.points}
-    write_json(out / "summary.json", {"run": run.as_dict(), "stages": [s.__dict__ for s in stages], "training": training})
-    return training
 
 
-def _run_stage(config, run, cache_root, model, stage: Stage, stage_dir: Path, previous_final, curve) -> dict:
+def _run_stage(config, run, cache_root, model, stage: Stage, stage_dir: Path, previous_final, curve,
+               time_offset_s: float) -> dict:
     mode = "none" if stage.agents == "ego" else FUSION_MODES[run.fusion][0]
     data = dataset(config, cache_root, "train", mode, run.label_fraction)
+    curve.start_stage(time_offset_s, stage_dir, data)
     if previous_final is not None and not (stage_dir / "last.pt").exists():
         model.load_state_dict(load_checkpoint(previous_final)["model"])
     for p in model.parameters():  # the engine freezes by prefix; earlier stages' freezes must not leak

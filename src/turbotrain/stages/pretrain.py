@@ -14,7 +14,8 @@ from turbotrain.data.sample import collate
 from turbotrain.experiments import FUSION_MODES
 from turbotrain.pretrain.objective import VARIANT_INPUT, MaskedReconstruction
 from turbotrain.pretrain.transfer import save_pretrained
-from turbotrain.stages.common import build_model, dataset, grid_of, train_config, unwrap
+from turbotrain.stages.common import (build_model, cache_fingerprint, claim_run_dir, dataset, grid_of, is_main_process,
+                                     train_config, unwrap)
 from turbotrain.train.balancers import build_balancer
 from turbotrain.train.engine import fit
 from turbotrain.utils.atomic import write_json
@@ -85,9 +86,13 @@ def build_objective(config: dict, variant_name: str, fusion: str, cache_root: st
 
 def pretrain(config: dict, variant_name: str, fusion: str, cache_root: str, out_dir: str) -> dict:
     """Train ``variant_name`` on the cache's train split in ``out_dir`` (resuming there); export pretrained.pt."""
+    run_dir = Path(out_dir)
+    if is_main_process():
+        inputs = {"variant": variant_name, "fusion": fusion, "seed": config["seed"], "train_cache": cache_fingerprint(cache_root),
+                  "config": {k: config[k] for k in ("classes", "grid", "model", "pretrain")}}
+        claim_run_dir(run_dir, inputs)
     setup = build_objective(config, variant_name, fusion, cache_root)
     variant, data, model, section = setup.variant, setup.data, setup.objective.model, config["pretrain"]
-    run_dir = Path(out_dir)
     started = time.time()
     summary = fit(
         setup.objective, lambda m, batch: unwrap(m)(batch), build_balancer("sum", ["reconstruction"]), data,
@@ -101,8 +106,9 @@ def pretrain(config: dict, variant_name: str, fusion: str, cache_root: str, out_
             "history": setup.history,
             "samples": len(data), "steps": summary["steps"], "wall_s": summary["wall_s"],
             "elapsed_s": time.time() - started, "commit": git_commit()}
-    save_pretrained(run_dir / "pretrained.pt", model, setup.transfer, meta)
-    _write_model_card(run_dir, meta, setup.transfer, summary)
+    if is_main_process():
+        save_pretrained(run_dir / "pretrained.pt", model, setup.transfer, meta)
+        _write_model_card(run_dir, meta, setup.transfer, summary)
     return meta
 
 

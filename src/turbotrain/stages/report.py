@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from turbotrain.evaluate.metrics_file import metrics_frame
-from turbotrain.experiments import Run, pretrain_path
+from turbotrain.experiments import Run, expand_runs, pretrain_path
 from turbotrain.report import figures, tables
 from turbotrain.utils.errors import ConfigError
 
@@ -47,8 +47,11 @@ def write_tables(config: dict, table: str, metrics_paths: list[str], out_csv: st
 
 def _stage_logs(run: Run) -> pd.DataFrame:
     """The run's per-step training CSVs, stage after stage on one step axis."""
+    stages_dir = Path(run.train_dir, "stages")
+    if not stages_dir.is_dir():
+        raise ConfigError(f"{stages_dir}: no training logs for run {run.train_dir} (was it trained here?)")
     parts, offset = [], 0
-    for stage_dir in sorted(Path(run.train_dir, "stages").iterdir()):
+    for stage_dir in sorted(stages_dir.iterdir(), key=lambda d: int(d.name.split("-", 1)[0])):
         log = pd.read_csv(stage_dir / "metrics.csv")
         log["step"] += offset
         offset = int(log["step"].max()) if len(log) else offset
@@ -56,24 +59,35 @@ def _stage_logs(run: Run) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def _first_seed(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[frame["seed"] == frame["seed"].min()]
+def _select(frame: pd.DataFrame, mask, figure: str, what: str) -> pd.DataFrame:
+    chosen = frame[mask]
+    if chosen.empty:
+        raise ConfigError(f"figure {figure}: the experiment grid has no {what} (experiments.groups)")
+    return chosen[chosen["seed"] == chosen["seed"].min()]
+
+
+def _of_table(frame: pd.DataFrame, config: dict, table: str) -> pd.DataFrame:
+    """The rows of the runs the groups of ``table`` name (other runs share fusion/variant labels)."""
+    ids = {r.metrics_path.removeprefix("results/metrics/").removesuffix(".json") for r in expand_runs(config, table)}
+    return frame[frame["run_id"].isin(ids)]
 
 
 def write_figure(config: dict, figure: str, metrics_paths: list[str], out_png: str, cache_root: str) -> None:
     frame = metrics_frame(metrics_paths)
+    full = frame["label_fraction"] == 1.0
     if figure == "learning_curves":
-        runs = _first_seed(frame[frame["label_fraction"] == 1.0])
-        runs = runs[runs["fusion"] == runs["fusion"].mode().iloc[0]]
+        runs = _select(frame, full & (frame["fusion"] == frame["fusion"].mode().iloc[0]), figure, "full-label runs")
         figures.learning_curves({row["variant"]: _stage_logs(_run_of(row)) for _, row in runs.iterrows()}, out_png)
     elif figure == "gradient_conflict":
-        joint = _first_seed(frame[(frame["recipe"] == "joint") & (frame["label_fraction"] == 1.0)])
+        joint = _select(frame, full & (frame["recipe"] == "joint"), figure, "joint (balanced) runs")
         joint = joint[joint["pretrain"] == joint["pretrain"].mode().iloc[0]]
         figures.gradient_conflict({row["balancer"]: _stage_logs(_run_of(row)) for _, row in joint.iterrows()}, out_png)
     elif figure == "ap_vs_time":
-        figures.ap_vs_time(frame, out_png)
+        runs = _of_table(frame, config, "efficiency").copy()
+        runs["variant"] = runs["fusion"] + " " + runs["variant"]  # one line per configuration and seed
+        figures.ap_vs_time(runs, out_png)
     elif figure == "data_efficiency":
-        figures.data_efficiency(frame, out_png)
+        figures.data_efficiency(_of_table(frame, config, "data_efficiency"), out_png)
     elif figure == "qualitative_bev":
         _qualitative(config, frame, out_png, cache_root)
     else:

@@ -399,6 +399,15 @@ class Trainer:
                               f"(saved {[saved.get(k) for k in changed]}, "
                               f"now {[current[k] for k in changed]}); use a new run directory")
 
+    def _train_mode(self) -> None:
+        """Training mode, except for fully frozen sub-modules: a frozen encoder must not keep moving
+        its BatchNorm statistics under the heads that were trained on it."""
+        self.model.train()
+        for module in unwrap_model(self.model).modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
     def save(self, final: bool = False) -> None:
         """Rank 0 writes ``last.pt`` (and the final checkpoint), then runs the evaluation hook."""
         if not self.ctx.is_main:
@@ -410,7 +419,7 @@ class Trainer:
         if self.on_checkpoint is not None:
             started = time.perf_counter()
             self.on_checkpoint(self.progress.step, unwrap_model(self.model))
-            self.model.train()
+            self._train_mode()
             self._callback_s += time.perf_counter() - started
 
     # ---- one optimizer step
@@ -566,7 +575,7 @@ class Trainer:
                               f"{self.cfg.grad_accum_steps})")
         logger = ScalarLogger(self.run_dir, self.ctx.is_main, self.resumed_from)
         bar = progress_bar(self.total_steps, self.progress.step, self.ctx.is_main)
-        self.model.train()
+        self._train_mode()
         self._session_start, self._wall_at_start = time.perf_counter(), self.progress.wall_s
         try:
             while self.progress.step < self.total_steps:
