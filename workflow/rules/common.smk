@@ -54,6 +54,14 @@ def fusion_hash():
     return config_hash({"reading": reading, **{k: config[k] for k in ("cache", "grid", "classes", "seed")}})
 
 
+CURVE_KEYS = ("curve_samples", "score_threshold", "nms_iou", "max_detections", "sort", "fde_threshold", "epa_alpha")
+
+
+def curve_hash():
+    """Evaluation settings the training curve (AP@0.5, EPA on val at each checkpoint) is scored with."""
+    return config_hash({k: config["evaluation"][k] for k in CURVE_KEYS})
+
+
 def evaluation_hash():
     """Evaluation settings that change metrics (the efficiency-table targets only change tables)."""
     return config_hash({k: v for k, v in config["evaluation"].items() if not k.startswith("target_")})

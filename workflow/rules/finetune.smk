@@ -20,7 +20,7 @@ rule finetune:
         pretrained=lambda w, input: f"--pretrained {input.pretrained}" if input.pretrained else "",
         launch=launcher,
         depends=section_hash("train", "finetune", "model", "grid", "classes"),
-        curve=evaluation_hash(),
+        curve=curve_hash(),
     wildcard_constraints:
         fusion="none|early|fcooper|attfuse|v2xvit",
         recipe="multistage|joint",

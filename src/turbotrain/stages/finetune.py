@@ -88,29 +88,39 @@ class TrainingCurve:
         if not self.limit:
             return
         began = time.time()
-        scored = copy.deepcopy(unwrap(model))
+        self._score(step, unwrap(model), self.offset + began - self.started - self.hook_s)
+        self.hook_s += time.time() - began
+
+    def _score(self, step: int, model, wall_s: float) -> None:
+        scored = copy.deepcopy(model)
         recalibrate_batchnorm(scored, self.train_data, self.run.seed, batches=4)
         predictor = Predictor(scored, self.config["evaluation"], device_of(self.config))
         det, pred = score(*collect(predictor, self.data, self.run.fusion, self.config["evaluation"], self.limit),
                           self.config)
-        self.points.append({"step": int(step), "wall_s": self.offset + began - self.started - self.hook_s,
-                            "ap50": det["map"].get("0.5"), "epa": pred["epa"]})
+        self.points.append({"step": int(step), "wall_s": wall_s, "ap50": det["map"].get("0.5"), "epa": pred["epa"]})
         write_json(self.stage_dir / self.POINTS_FILE, self.points[self.stage_first:])
-        self.hook_s += time.time() - began
 
-    def start_stage(self, offset_s: float, stage_dir: Path, train_data) -> None:
+    def start_stage(self, offset_s: float, stage_dir: Path, train_data, model) -> None:
         """Continue the time axis after ``offset_s`` of earlier training, with the stage in ``stage_dir``.
 
         The points live in memory only until the job ends, so each stage also keeps its own on disk:
         a stage resuming from last.pt (a killed or requeued job) takes back the points scored up to
-        that checkpoint and its clock continues from the checkpoint's training time.
+        that checkpoint, scores that checkpoint itself if the kill came while it was being scored,
+        and its clock continues from the checkpoint's training time.
         """
         self.stage_dir, self.stage_first, self.train_data = stage_dir, len(self.points), train_data
         self.offset, self.started, self.hook_s = offset_s, time.time(), 0.0
-        if self.limit and (stage_dir / "last.pt").exists():
-            progress = load_checkpoint(stage_dir / "last.pt")["progress"]
-            self.offset += progress["wall_s"]
-            self.points += [p for p in self._saved_points() if p["step"] <= progress["step"]]
+        if not (self.limit and (stage_dir / "last.pt").exists()):
+            return
+        checkpoint = load_checkpoint(stage_dir / "last.pt")
+        progress = checkpoint["progress"]
+        self.offset += progress["wall_s"]
+        self.points += [p for p in self._saved_points() if p["step"] <= progress["step"]]
+        if progress["step"] and not any(p["step"] == progress["step"] for p in self.points[self.stage_first:]):
+            resumed = copy.deepcopy(model)
+            resumed.load_state_dict(checkpoint["model"])
+            self._score(progress["step"], resumed, self.offset)
+        self.started = time.time()
 
     def _saved_points(self) -> list[dict]:
         """This stage's points on disk; none when a kill came between last.pt and the first point."""
@@ -191,7 +201,7 @@ def _run_stage(config, run, cache_root, model, stage: Stage, stage_dir: Path, pr
                time_offset_s: float) -> dict:
     mode = "none" if stage.agents == "ego" else FUSION_MODES[run.fusion][0]
     data = dataset(config, cache_root, "train", mode, run.label_fraction)
-    curve.start_stage(time_offset_s, stage_dir, data)
+    curve.start_stage(time_offset_s, stage_dir, data, model)
     if previous_final is not None and not (stage_dir / "last.pt").exists():
         model.load_state_dict(load_checkpoint(previous_final)["model"])
     for p in model.parameters():  # the engine freezes by prefix; earlier stages' freezes must not leak
