@@ -125,8 +125,9 @@ def test_same_seed_gives_the_same_weights_under_both_backends():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_auto_backend_prefers_spconv_when_installed():
-    assert second(backend="auto").backend_name == ("spconv" if spconv_available() else "torch")
+def test_auto_backend_prefers_spconv_on_cuda_and_the_thread_safe_torch_backend_on_cpu():
+    expected = "spconv" if torch.cuda.is_available() and spconv_available() else "torch"
+    assert second(backend="auto").backend_name == expected
 
 
 @pytest.mark.parametrize("make, grid", [(second, SECOND_GRID), (pillars, PILLAR_GRID)])

@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from turbotrain.models.encoders import sparse_torch
+
 from turbotrain.models.encoders.spconv_compat import import_spconv, spconv_available
 
 BACKEND_NAMES = ("auto", "torch", "spconv")
@@ -59,9 +61,13 @@ def _spconv_backend() -> SparseBackend:
 
 
 def get_backend(name: str = "auto") -> SparseBackend:
-    """``"auto"`` = spconv when it imports on this machine, else the PyTorch implementation."""
+    """``"auto"`` = spconv on a CUDA machine where it imports, else the PyTorch implementation.
+
+    On CPU the PyTorch backend is as fast as spconv's CPU wheel (bench_encoder.py) and, unlike it,
+    correct with several threads (see spconv_compat.apply_cpu_stream_shim).
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown sparse backend {name!r}; expected one of {BACKEND_NAMES}")
     if name == "auto":
-        name = "spconv" if spconv_available() else "torch"
+        name = "spconv" if torch.cuda.is_available() and spconv_available() else "torch"
     return _spconv_backend() if name == "spconv" else _torch_backend()

@@ -8,10 +8,12 @@ machine without CUDA. The CPU code paths ignore the stream value, so returning 0
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
 import torch
 
+log = logging.getLogger(__name__)
 _SHIM_MARKER = "_turbotrain_cpu_stream_shim"
 
 
@@ -31,6 +33,12 @@ def apply_cpu_stream_shim() -> bool:
     """
     if torch.cuda.is_available():
         return False
+    # spconv's CPU kernels run in torch's intra-op thread pool and race there: strided sparse convs
+    # returned values off by up to 0.5 with 2 threads (tests/test_spconv_compat.py). One thread is
+    # correct; the "auto" backend avoids the question on CPU by using the PyTorch implementation.
+    if torch.get_num_threads() != 1:
+        log.warning("spconv on CPU: limiting torch to 1 thread (its CPU kernels are not thread-safe)")
+        torch.set_num_threads(1)
     ops = importlib.import_module("spconv.pytorch.ops")
     cppcore = importlib.import_module("spconv.pytorch.cppcore")
     for module in (ops, cppcore):
