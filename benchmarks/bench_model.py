@@ -15,18 +15,18 @@ Writes ``benchmarks/out/bench_model.json`` and ``.csv``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import multiprocessing
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from bench_cli import parse_device_args
 
 from turbotrain.grid import Grid
 from turbotrain.models.joint import CooperativePnP
@@ -125,15 +125,7 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible to torch")
-    device = torch.device(args.device)
+    args, device = parse_device_args(__doc__.splitlines()[0], argv)
     run = measure if device.type == "cuda" else measure_in_fresh_process
     rows = [run(case, device, args.batch_size, args.steps, args.warmup) for case in cases(args.device)]
     columns = ("size", "fusion", "temporal", "bev_shape", "params_m", "step_ms", "samples_per_s", "peak_mem_mib")

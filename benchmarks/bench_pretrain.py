@@ -15,14 +15,14 @@ Writes ``benchmarks/out/bench_pretrain.json``.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from bench_cli import parse_device_args
 
 from turbotrain.grid import Grid
 from turbotrain.models.joint import CooperativePnP
@@ -94,15 +94,7 @@ def summarise(times: dict[str, list[float]], batch_size: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible to torch")
-    device = torch.device(args.device)
+    args, device = parse_device_args(__doc__.splitlines()[0], argv)
     rows = summarise(measure(device, args.batch_size, args.steps, args.warmup), args.batch_size)
     ratio = rows[0]["median_ms"] / rows[1]["median_ms"]
     columns = ("step", "median_ms", "p25_ms", "p75_ms", "samples_per_s")

@@ -40,7 +40,7 @@ class Voxelizer:
         if backend not in ("auto", "spconv", "numpy"):
             raise ValueError(f"unknown voxeliser backend {backend!r}; expected auto, spconv or numpy")
         if backend == "spconv" and not spconv_available():
-            raise ImportError("backend='spconv' needs the spconv package (pip install spconv or spconv-cuXXX)")
+            raise ImportError("backend='spconv' needs the spconv package (pip install spconv, or spconv-cu121 and the like on CUDA)")
         self.grid = grid
         self.max_points_per_voxel = int(max_points_per_voxel)
         self.max_voxels = int(max_voxels)
