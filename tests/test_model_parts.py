@@ -18,7 +18,7 @@ from turbotrain.models.detection_head import (
     gaussian_focal_loss,
 )
 from turbotrain.models.fusion import AttFuse, EgoOnly, FCooperMax, V2XViTFusion
-from turbotrain.models.prediction_head import MultiModalTrajectoryHead, sample_bev
+from turbotrain.models.prediction_head import MultiModalTrajectoryHead, backcast_loss, sample_bev
 from turbotrain.models.presets import part_config
 from turbotrain.models.registry import BEV_BACKBONES, DETECTION_HEADS, FUSERS, PREDICTION_HEADS, TEMPORAL
 from turbotrain.models.temporal import ConvGRUTemporal, CurrentStepOnly, TemporalAttention
@@ -304,7 +304,7 @@ def _prediction_inputs():
 
 def test_prediction_head_shapes_and_rotation_with_heading():
     torch.manual_seed(0)
-    head = MultiModalTrajectoryHead(8, GRID, num_classes=3, future=5, modes=4, hidden=16).eval()
+    head = MultiModalTrajectoryHead(8, GRID, num_classes=3, future=5, modes=4, hidden=16, history=3).eval()
     step_bev, bev, boxes, classes = _prediction_inputs()
     out = head(step_bev, bev, boxes, classes)
     assert out["trajectories"].shape == (1, 2, 4, 5, 2) and out["logits"].shape == (1, 2, 4)
@@ -314,6 +314,7 @@ def test_prediction_head_shapes_and_rotation_with_heading():
     head.box_encoder.requires_grad_(False)
     with torch.no_grad():
         head.box_encoder[0].weight.zero_()  # make the embedding independent of the heading
+        head.interaction.pose_embedding.weight[:, 2:].zero_()  # (sin, cos) of the queries' headings
         a = head(step_bev, bev, boxes, classes)["trajectories"][0, 0]
         b = head(step_bev, bev, turned, classes)["trajectories"][0, 0]
     assert torch.allclose(b[..., 0], -a[..., 1], atol=1e-5) and torch.allclose(b[..., 1], a[..., 0], atol=1e-5)
@@ -332,3 +333,39 @@ def test_winner_take_all_loss_trains_only_the_closest_mode():
     assert loss["classification"].item() < 1e-3
     loss["total"].backward()
     assert trajectories.grad[0, 0, [0, 2]].abs().sum() == 0
+
+
+def test_backcast_loss_compares_past_positions_in_the_heading_frame():
+    # A box facing +y at (10, 0) that came from (10, -2) and (10, -1): in its heading frame the past
+    # positions are 2 m and 1 m behind it (x = -2, -1).
+    boxes = torch.tensor([[[10.0, 0.0, 0.0, 4.5, 2.0, 1.6, math.pi / 2]]])
+    history = torch.tensor([[[[10.0, -2.0, math.pi / 2], [10.0, -1.0, math.pi / 2], [10.0, 0.0, math.pi / 2]]]])
+    valid = torch.ones(1, 1, 3, dtype=torch.bool)
+    exact = torch.tensor([[[[-2.0, 0.0], [-1.0, 0.0]]]])
+    assert backcast_loss(exact, boxes, torch.tensor([[True]]), history, valid).item() == pytest.approx(0.0, abs=1e-6)
+    assert backcast_loss(exact + 1.0, boxes, torch.tensor([[True]]), history, valid).item() > 0.5
+    assert backcast_loss(exact + 1.0, boxes, torch.tensor([[False]]), history, valid).item() == 0.0
+
+
+def test_padding_queries_do_not_change_the_real_queries_predictions():
+    torch.manual_seed(0)
+    head = MultiModalTrajectoryHead(8, GRID, num_classes=3, future=5, modes=4, hidden=16, history=3).eval()
+    step_bev, bev, boxes, classes = _prediction_inputs()
+    real = torch.tensor([[True, False]])
+    with torch.no_grad():
+        a = head(step_bev, bev, boxes, classes, real)["trajectories"][0, 0]
+        moved = boxes.clone()
+        moved[0, 1, :2] = torch.tensor([-20.0, 7.0])  # the padding query somewhere else
+        b = head(step_bev, bev, moved, classes, real)["trajectories"][0, 0]
+        c = head(step_bev, bev, moved, classes)["trajectories"][0, 0]  # now it is a real neighbour
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, c, atol=1e-4)
+
+
+def test_motion_branch_can_be_turned_off_and_checks_the_history_length():
+    plain = MultiModalTrajectoryHead(8, GRID, num_classes=3, future=5, modes=4, hidden=16, motion=False)
+    step_bev, bev, boxes, classes = _prediction_inputs()
+    assert "backcast" not in plain(step_bev, bev, boxes, classes)
+    assert not any(name.startswith(("motion_encoder", "interaction")) for name, _ in plain.named_parameters())
+    with pytest.raises(ValueError, match="history steps"):
+        MultiModalTrajectoryHead(8, GRID, num_classes=3, future=5, history=2)(step_bev, bev, boxes, classes)

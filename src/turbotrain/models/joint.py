@@ -67,7 +67,7 @@ class CooperativePnP(nn.Module):
         )
         self.prediction_head = _build(
             PREDICTION_HEADS, model_cfg, "prediction_head", size,
-            in_channels=channels, grid=grid, num_classes=len(classes), future=self.future,
+            in_channels=channels, grid=grid, num_classes=len(classes), future=self.future, history=self.history,
         )
 
     # ----------------------------------------------------------------------------------- forward
@@ -110,13 +110,14 @@ class CooperativePnP(nn.Module):
         """BEV maps, raw detection maps, and trajectories for the GT boxes (the training queries)."""
         out = self.forward_bev(batch)
         out["detection"] = self.detection_head(out["bev"])
-        out["prediction"] = self.prediction_head(out["step_bev"], out["bev"], batch.boxes, batch.classes)
+        out["prediction"] = self.prediction_head(out["step_bev"], out["bev"], batch.boxes, batch.classes, batch.box_mask)
         return out
 
     def losses(self, outputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
         """``detection`` and ``prediction`` task losses plus their terms as ``<task>/<term>``."""
         det = self.detection_head.loss(outputs["detection"], batch.boxes, batch.classes, batch.box_mask)
-        pred = self.prediction_head.loss(outputs["prediction"], batch.boxes, batch.box_mask, batch.future, batch.future_valid)
+        pred = self.prediction_head.loss(outputs["prediction"], batch.boxes, batch.box_mask, batch.future, batch.future_valid,
+                                         batch.history, batch.history_valid)
         terms = {f"detection/{k}": v for k, v in det.items() if k != "total"}
         terms.update({f"prediction/{k}": v for k, v in pred.items() if k != "total"})
         return {"detection": det["total"], "prediction": pred["total"], **terms}
@@ -132,8 +133,8 @@ class CooperativePnP(nn.Module):
             with torch.no_grad():
                 bev = self.forward_bev(batch)
                 detections = self.detection_head.decode(self.detection_head(bev["bev"]), score_threshold, nms_iou, max_detections)
-                boxes, classes = _pad_queries(detections, bev["bev"].device)
-                pred = self.prediction_head(bev["step_bev"], bev["bev"], boxes, classes)
+                boxes, classes, real = _pad_queries(detections, bev["bev"].device)
+                pred = self.prediction_head(bev["step_bev"], bev["bev"], boxes, classes, real)
         finally:
             self.train(was_training)
         return [_sample_prediction(det, pred, b) for b, det in enumerate(detections)]
@@ -161,16 +162,19 @@ def _build(registry, model_cfg: dict, part: str, size: str, **required) -> nn.Mo
     return registry.build(cfg["name"], **required, **part_config(size, part, cfg))
 
 
-def _pad_queries(detections: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Detections as padded ``(B, Q, 7)`` boxes and ``(B, Q)`` classes; Q >= 1 so the GRU has input."""
+def _pad_queries(detections: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detections as padded ``(B, Q, 7)`` boxes, ``(B, Q)`` classes and ``(B, Q)`` real-query mask;
+    Q >= 1 so the GRU has input."""
     Q = max([len(d["boxes"]) for d in detections] + [1])
     boxes = torch.zeros(len(detections), Q, 7, device=device)
     classes = torch.zeros(len(detections), Q, dtype=torch.long, device=device)
+    real = torch.zeros(len(detections), Q, dtype=torch.bool, device=device)
     for b, det in enumerate(detections):
         n = len(det["boxes"])
         boxes[b, :n] = torch.from_numpy(det["boxes"]).to(device)
         classes[b, :n] = torch.from_numpy(det["classes"]).to(device)
-    return boxes, classes
+        real[b, :n] = True
+    return boxes, classes, real
 
 
 def _sample_prediction(det: dict, pred: dict, b: int) -> dict[str, np.ndarray]:

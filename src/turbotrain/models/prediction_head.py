@@ -7,6 +7,14 @@ history as the model sees it, no GT history is used), and its last state, the fu
 box embedding give K trajectories of F steps plus K mode logits. Offsets are predicted in the box's
 heading frame and rotated into the ego frame, so a turned scene gives turned trajectories.
 
+Motion branch (``motion=True``, the default): from the same embedding the head first *backcasts*
+where each query was at the T-1 past steps (supervised by the tracked history of the GT boxes, a
+``backcast`` loss term), then encodes that track with a :class:`~turbotrain.models.motion.TrackEncoder`
+and lets the queries of a scene attend to each other (:class:`~turbotrain.models.motion.AgentInteraction`).
+Queries are GT boxes in training and detections at test time, and neither comes with a tracked
+history, so the head estimates one itself; training and test run the same path. These two modules
+read tracks only, which is what trajectory self-supervision (SmartPretrain) pretrains.
+
 Loss: winner-take-all. The winning mode has the smallest ADE over the valid future steps; its
 offsets get a SmoothL1 loss and the mode logits a cross-entropy towards it.
 """
@@ -17,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbotrain.grid import Grid
+from turbotrain.models.motion import AgentInteraction, TrackEncoder, rotate_xy, to_anchor_frame
 from turbotrain.models.registry import PREDICTION_HEADS
 
 BOX_FEATURES = 5  # log l, log w, log h, sin yaw, cos yaw
@@ -35,13 +44,6 @@ def sample_bev(maps: torch.Tensor, xy: torch.Tensor, grid: Grid) -> torch.Tensor
     sample_grid = torch.stack([u, v], dim=-1)[:, :, None, :].to(work_dtype)  # (N, Q, 1, 2)
     sampled = F.grid_sample(maps.to(work_dtype), sample_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return sampled[..., 0].transpose(1, 2).to(maps.dtype)
-
-
-def rotate_xy(offsets: torch.Tensor, yaw: torch.Tensor) -> torch.Tensor:
-    """Rotate ``offsets (..., 2)`` by ``yaw`` broadcast over the leading dims."""
-    c, s = torch.cos(yaw), torch.sin(yaw)
-    x, y = offsets[..., 0], offsets[..., 1]
-    return torch.stack([c * x - s * y, s * x + c * y], dim=-1)
 
 
 def box_features(boxes: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -67,6 +69,10 @@ class MultiModalTrajectoryHead(nn.Module):
         modes: int = 6,
         hidden: int = 128,
         classification_weight: float = 1.0,
+        motion: bool = True,
+        history: int = 1,
+        interaction_heads: int = 4,
+        backcast_weight: float = 1.0,
     ):
         super().__init__()
         self.grid = grid
@@ -77,14 +83,30 @@ class MultiModalTrajectoryHead(nn.Module):
         self.history_gru = nn.GRU(in_channels, hidden, batch_first=True)
         self.box_encoder = nn.Sequential(nn.Linear(BOX_FEATURES + num_classes, hidden), nn.ReLU(inplace=True))
         self.fused_encoder = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True))
-        self.trunk = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+        self.motion = motion
+        self.past_steps = max(int(history) - 1, 0)
+        self.backcast_weight = backcast_weight
+        trunk_in = 3 * hidden
+        if motion:
+            # a one-step history (single-frame models) has no past to estimate
+            self.backcast = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.ReLU(inplace=True),
+                                          nn.Linear(hidden, self.past_steps * 2)) if self.past_steps else None
+            self.motion_encoder = TrackEncoder(hidden)
+            self.interaction = AgentInteraction(hidden, interaction_heads)
+            trunk_in += hidden
+        self.trunk = nn.Sequential(nn.Linear(trunk_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
         self.trajectory = nn.Linear(hidden, modes * future * 2)
         self.mode_logits = nn.Linear(hidden, modes)
 
     def forward(
-        self, step_bev: torch.Tensor, bev: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor
+        self, step_bev: torch.Tensor, bev: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``trajectories (B, Q, K, F, 2)`` ego-frame offsets from the box centre and ``logits (B, Q, K)``."""
+        """``trajectories (B, Q, K, F, 2)`` ego-frame offsets from the box centre, ``logits (B, Q, K)``
+        and, with the motion branch, ``backcast (B, Q, T-1, 2)`` past positions in the box's heading frame.
+
+        ``query_mask (B, Q)`` marks real queries (padding takes no part in the agents' interaction).
+        """
         B, T, C, H, W = step_bev.shape
         Q = boxes.shape[1]
         centres = boxes[..., :2]
@@ -99,15 +121,37 @@ class MultiModalTrajectoryHead(nn.Module):
             ],
             dim=-1,
         )
+        out = {}
+        if self.motion:
+            if T != self.past_steps + 1:
+                raise ValueError(f"prediction head built for {self.past_steps + 1} history steps got {T}")
+            mask = torch.ones(B, Q, dtype=torch.bool, device=boxes.device) if query_mask is None else query_mask
+            past = self.backcast(embedding) if self.backcast is not None else embedding.new_zeros(B, Q, 0)
+            out["backcast"] = past.view(B, Q, self.past_steps, 2)
+            embedding = torch.cat([embedding, self._motion_context(out["backcast"], boxes, mask)], dim=-1)
         hidden = self.trunk(embedding)
         local = self.trajectory(hidden).view(B, Q, self.modes, self.future, 2)
         trajectories = rotate_xy(local, boxes[..., 6][..., None, None])
-        return {"trajectories": trajectories, "logits": self.mode_logits(hidden)}
+        return {**out, "trajectories": trajectories, "logits": self.mode_logits(hidden)}
+
+    def _motion_context(self, backcast: torch.Tensor, boxes: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """Encode each query's backcast track (ending at its current centre), then let the queries interact.
+
+        The track is detached: the backcast learns from its own loss, and the motion encoder reads it
+        as a tracker's output, as it reads the tracks of trajectory pretraining.
+        """
+        B, Q = boxes.shape[:2]
+        track = torch.cat([backcast.detach(), backcast.new_zeros(B, Q, 1, 2)], dim=2)
+        valid = torch.ones(track.shape[:-1], dtype=torch.bool, device=track.device)
+        tokens = self.motion_encoder(track.flatten(0, 1), valid.flatten(0, 1)).view(B, Q, -1)
+        return self.interaction(tokens, boxes[..., (0, 1, 6)], query_mask)
 
     def loss(
-        self, outputs: dict, boxes: torch.Tensor, box_mask: torch.Tensor, future: torch.Tensor, future_valid: torch.Tensor
+        self, outputs: dict, boxes: torch.Tensor, box_mask: torch.Tensor, future: torch.Tensor, future_valid: torch.Tensor,
+        history: torch.Tensor | None = None, history_valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Winner-take-all ``regression`` (SmoothL1) and ``classification`` (CE) terms and ``total``."""
+        """Winner-take-all ``regression`` (SmoothL1) and ``classification`` (CE) terms, the motion branch's
+        ``backcast`` term when ``history (B, Q, T, 3)`` is given, and their weighted ``total``."""
         target = future[..., :2] - boxes[..., None, :2]  # (B, Q, F, 2) offsets from the current centre
         valid = future_valid & box_mask[..., None]  # (B, Q, F)
         has_future = valid.any(dim=-1)
@@ -121,5 +165,21 @@ class MultiModalTrajectoryHead(nn.Module):
         regression = (smooth * valid).sum() / valid.sum().clamp_min(1)
         ce = F.cross_entropy(outputs["logits"].transpose(1, 2), winner, reduction="none")  # (B, Q)
         classification = (ce * has_future).sum() / has_future.sum().clamp_min(1)
+        terms = {"regression": regression, "classification": classification}
         total = regression + self.classification_weight * classification
-        return {"regression": regression, "classification": classification, "total": total}
+        if "backcast" in outputs and history is not None:
+            terms["backcast"] = backcast_loss(outputs["backcast"], boxes, box_mask, history, history_valid)
+            total = total + self.backcast_weight * terms["backcast"]
+        return {**terms, "total": total}
+
+
+def backcast_loss(backcast: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor, history: torch.Tensor,
+                  history_valid: torch.Tensor) -> torch.Tensor:
+    """SmoothL1 between backcast past positions and the tracked history, both in the box's heading frame."""
+    past = backcast.shape[2]
+    if past == 0:
+        return backcast.new_zeros(())
+    target = to_anchor_frame(history[..., -past - 1:-1, :2], boxes[..., (0, 1, 6)])
+    valid = (history_valid[..., -past - 1:-1] & box_mask[..., None]).to(backcast.dtype)  # (B, Q, T-1)
+    smooth = F.smooth_l1_loss(backcast, target, reduction="none").sum(-1)
+    return (smooth * valid).sum() / valid.sum().clamp_min(1)

@@ -33,14 +33,22 @@ class TransferReport:
                                                                   "missing_keys": self.missing[:20]}
 
 
+def in_groups(key: str, groups: tuple[str, ...]) -> bool:
+    """Whether state-dict ``key`` lies in one of ``groups``: module paths such as ``encoder`` or
+    ``prediction_head.motion_encoder``."""
+    return any(key == g or key.startswith(g + ".") for g in groups)
+
+
 def group_state(model: nn.Module, groups: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """State-dict entries of ``model`` whose top-level module is one of ``groups``."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.split(".", 1)[0] in groups}
+    """State-dict entries of ``model`` that lie in ``groups``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if in_groups(k, groups)}
 
 
-def save_pretrained(path: str | Path, model: nn.Module, groups: tuple[str, ...], meta: dict) -> None:
-    """Write the transferable part of a pretrained model (atomic)."""
-    payload = {"state_dict": group_state(model, groups), "groups": list(groups), "meta": meta}
+def save_pretrained(path: str | Path, state: nn.Module | dict[str, torch.Tensor], groups: tuple[str, ...],
+                    meta: dict) -> None:
+    """Write the transferable part of a pretrained model, or a ready state dict, atomically."""
+    tensors = group_state(state, groups) if isinstance(state, nn.Module) else dict(state)
+    payload = {"state_dict": tensors, "groups": list(groups), "meta": meta}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -62,7 +70,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> TransferReport:
         else:
             update[key] = value
             report.loaded.append(key)
-    report.missing = [k for k in target if k.split(".", 1)[0] in groups and k not in source]
+    report.missing = [k for k in target if in_groups(k, groups) and k not in source]
     if not update:
         raise TransferError(
             f"{path}: no pretrained tensor matched the model ({len(source)} in the checkpoint, "
