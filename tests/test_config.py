@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import yaml
 
@@ -82,3 +84,136 @@ def test_smoke_config_keeps_every_job_seconds_long():
     cfg = merged("config/smoke.yaml")
     assert cfg["finetune"]["joint"]["max_steps"] == 3 and cfg["pretrain"]["train"]["max_steps"] == 3
     assert cfg["train"]["max_steps"] == 3 and cfg["resources"]["use_gpu"] is False
+
+
+# ----------------------------------------------------------------------------- several datasets
+
+
+def test_extra_datasets_default_to_none_and_reuse_the_dataset_keys():
+    assert validate_config({})["extra_datasets"] == {}
+    cfg = load_config("config/config.yaml")
+    b = cfg["extra_datasets"]["synthetic_b"]
+    # the shared $defs entry filled its defaults; `seed` is the extra key, `name` is the mapping key
+    assert b["root"] == "data/raw" and b["on_bad_frame"] == "error" and b["urls"] == [] and b["seed"] == 1
+    assert "name" not in b and "seed" not in cfg["dataset"]
+    overrides = b["synthetic_overrides"]
+    assert overrides["vehicle_lidar"]["beams"] == 32 and overrides["obj_type_names"]["truck"] == "bus"
+    assert b["class_map"] == {"vehicle": "car", "bus": "truck", "walker": "pedestrian"}
+
+
+def test_extra_dataset_sensor_overrides_are_real_generator_settings():
+    from turbotrain.data.synth import resolve_config
+
+    b = load_config("config/config.yaml")["extra_datasets"]["synthetic_b"]
+    gen = resolve_config(b["preset"], b["synthetic_overrides"])
+    assert gen.vehicle_lidar.beams == 32 and gen.vehicle_lidar.vertical_fov == (-25.0, 10.0)
+    assert gen.infrastructure_lidar.beams == 16 and gen.written_type("pedestrian") == "walker"
+
+
+@pytest.mark.parametrize("entry, key, words", [
+    ({"sorce": "synthetic"}, "extra_datasets.b", ["sorce", "allowed keys", "seed", "class_map"]),
+    ({"name": "b"}, "extra_datasets.b", ["'name' was unexpected"]),
+    ({"seed": -1}, "extra_datasets.b.seed", ["minimum"]),
+    ({"source": "ftp"}, "extra_datasets.b.source", ["'ftp' is not one of"]),
+    ({"class_map": {"bus": 3}}, "extra_datasets.b.class_map.bus", ["expected string"]),
+])
+def test_a_bad_extra_dataset_names_its_key(entry, key, words):
+    with pytest.raises(ConfigError) as err:
+        validate_config({"extra_datasets": {"b": entry}})
+    msg = str(err.value)
+    assert f"  - {key}: " in msg and all(w in msg for w in words), msg
+
+
+def test_typo_in_the_primary_dataset_still_lists_its_keys():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"dataset": {"seed": 3}})
+    msg = str(err.value)
+    assert "dataset: Additional properties are not allowed ('seed' was unexpected)" in msg and "name" in msg
+
+
+def test_extra_dataset_names_are_folder_names_and_differ_from_the_primary():
+    with pytest.raises(ConfigError, match="extra_datasets: 'b/c' does not match"):
+        validate_config({"extra_datasets": {"b/c": {}}})
+    with pytest.raises(ConfigError) as err:
+        validate_config({"dataset": {"name": "v2x"}, "extra_datasets": {"v2x": {"source": "local", "local_path": "/x"}}})
+    assert "extra_datasets.v2x: this name is the primary dataset's (dataset.name)" in str(err.value)
+
+
+def test_datasets_built_by_one_rule_share_a_root():
+    with pytest.raises(ConfigError, match=r"extra_datasets.b.root: '/elsewhere' differs from dataset.root 'data/raw'"):
+        validate_config({"extra_datasets": {"b": {"root": "/elsewhere"}}})
+    # a local dataset's root is unused, and each source may have its own
+    validate_config({"extra_datasets": {"b": {"root": "/elsewhere", "source": "local", "local_path": "/x"},
+                                         "c": {"root": "/downloads", "source": "download"}}})
+
+
+def test_with_dataset_swaps_in_the_named_dataset_and_its_seed():
+    from turbotrain.stages.data import dataset_names, with_dataset
+
+    cfg = validate_config({"seed": 5, "extra_datasets": {"b": {"preset": "mini", "seed": 2}, "c": {"preset": "smoke"}}})
+    assert dataset_names(cfg) == ["synthetic", "b", "c"]
+    primary = with_dataset(cfg, "synthetic")
+    assert primary == cfg and primary is not cfg and primary["dataset"] is not cfg["dataset"]
+    b = with_dataset(cfg, "b")
+    assert b["dataset"]["name"] == "b" and b["dataset"]["preset"] == "mini" and "seed" not in b["dataset"]
+    assert b["seed"] == 2  # generation and label-fraction subsets of b use its own seed
+    assert with_dataset(cfg, "c")["seed"] == 5  # default: the top-level seed
+    # the copy names the same datasets (the primary moved to extra_datasets with its seed) and validates
+    assert sorted(dataset_names(b)) == sorted(dataset_names(cfg))
+    assert b["extra_datasets"]["synthetic"]["seed"] == 5 and b["extra_datasets"]["synthetic"]["preset"] == "default"
+    assert validate_config(copy.deepcopy(b)) == b
+    assert with_dataset(b, "synthetic") == cfg  # and back
+    assert cfg["dataset"]["name"] == "synthetic" and cfg["seed"] == 5  # the original is untouched
+    with pytest.raises(ConfigError) as err:
+        with_dataset(cfg, "v2xreal")
+    assert "'v2xreal'" in str(err.value) and "synthetic, b, c" in str(err.value)
+
+
+def test_smoke_and_paper_configs_merge_their_extra_datasets():
+    smoke = merged("config/smoke.yaml")["extra_datasets"]["synthetic_b"]
+    assert smoke["preset"] == "smoke" and smoke["synthetic_overrides"]["obj_type_names"]["car"] == "vehicle"
+    paper = merged("config/paper.yaml")
+    assert paper["dataset"]["name"] == "v2xpnp" and set(paper["extra_datasets"]) == {"synthetic_b"}
+
+
+def test_each_dataset_hashes_only_what_its_own_data_depends_on():
+    """The `depends` params of the data jobs (workflow/rules/common.smk): no dataset's jobs rerun for
+    another dataset's change; the primary's hashes are those of the single-dataset pipeline."""
+    from turbotrain.config import config_hash
+    from turbotrain.stages.data import cache_data_hash, download_data_hash, raw_data_hash, with_dataset
+
+    def hashes(cfg, name):
+        mine = with_dataset(cfg, name)
+        return raw_data_hash(mine), cache_data_hash(mine), download_data_hash(mine)
+
+    alone = load_config("config/config.yaml", ["extra_datasets={}"])
+    cfg = load_config("config/config.yaml")
+    # the formulas the single-dataset pipeline used, on the primary's own sections
+    gen = {k: alone["dataset"][k] for k in ("name", "source", "preset", "synthetic_overrides", "urls", "local_path")}
+    gen["synthetic_overrides"] = {k: v for k, v in gen["synthetic_overrides"].items() if k != "workers"}
+    reading = {k: alone["dataset"][k] for k in ("class_map", "on_bad_frame")}
+    before = (config_hash({"dataset": gen, "seed": alone["seed"]}),
+              config_hash({"reading": reading, **{k: alone[k] for k in ("cache", "grid", "classes", "seed")}}),
+              config_hash({"dataset": alone["dataset"]}))
+    assert hashes(alone, "synthetic") == hashes(cfg, "synthetic") == before
+
+    b = hashes(cfg, "synthetic_b")
+    assert len(set(b) | set(before)) == 6
+
+    def changed(**entry):
+        new = copy.deepcopy(cfg)
+        new["extra_datasets"]["synthetic_b"].update(entry)
+        return hashes(new, "synthetic"), hashes(new, "synthetic_b")
+
+    ours, theirs = changed(class_map={"vehicle": "car"})
+    assert ours == before and theirs[0] == b[0] and theirs[1] != b[1]  # read differently, same raw data
+    overrides = {**cfg["extra_datasets"]["synthetic_b"]["synthetic_overrides"], "workers": 7}
+    ours, theirs = changed(synthetic_overrides=overrides)
+    assert ours == before and theirs[:2] == b[:2]  # workers: how fast, not what (a download hashes it all)
+    ours, theirs = changed(seed=4)
+    assert ours == before and theirs[0] != b[0] and theirs[1] != b[1]
+    # without a seed of its own, a dataset follows the top-level one
+    new = copy.deepcopy(cfg)
+    del new["extra_datasets"]["synthetic_b"]["seed"]
+    new["seed"] = 1
+    assert hashes(new, "synthetic_b")[:2] == b[:2]

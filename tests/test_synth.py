@@ -359,3 +359,44 @@ def test_presets_resolve_and_unknown_settings_are_rejected():
         resolve_config("smoke", {"traffic": {"speed_of_light": 1}})
     with pytest.raises(ConfigError):
         resolve_config("no_such_preset")
+
+
+# ----------------------------------------------------------------------------- class vocabulary
+
+
+def test_obj_type_names_rename_the_written_labels_and_nothing_else(tmp_path):
+    """A second synthetic dataset can speak another vocabulary: same scenes and clouds, renamed types."""
+    names = {"car": "vehicle", "truck": "bus", "pedestrian": "walker"}
+    base = {"splits": {"train": 1}, "frames": 3}
+    plain = generate_dataset(tmp_path / "plain", "smoke", seed=SEED, overrides=base, progress=False)
+    named = generate_dataset(tmp_path / "named", "smoke", seed=SEED, overrides={**base, "obj_type_names": names},
+                             progress=False)
+    # part of the data's identity: the summary says which names the files carry
+    assert plain["config"]["obj_type_names"] == {} and named["config"]["obj_type_names"] == names
+    assert plain["scenarios"] == named["scenarios"]
+    (a,), (b,) = index_split(tmp_path / "plain", "train"), index_split(tmp_path / "named", "train")
+    written = set()
+    for agent in a.agent_ids:
+        for ts in a.timestamps[agent]:
+            ra, rb = read_agent_frame(a, agent, ts), read_agent_frame(b, agent, ts)
+            np.testing.assert_array_equal(ra.points, rb.points)
+            assert [o.track_id for o in ra.objects] == [o.track_id for o in rb.objects]
+            for oa, ob in zip(ra.objects, rb.objects):
+                np.testing.assert_array_equal(oa.box, ob.box)
+                assert ob.obj_type == names[oa.obj_type]
+                written.add(ob.obj_type)
+    assert {"vehicle", "walker"} <= written and not written & CLASSES
+    ta, tb = read_trajectories(a), read_trajectories(b)
+    assert list(tb["obj_type"]) == [names[t] for t in ta["obj_type"]]
+    assert (ta.drop(columns="obj_type").to_numpy() == tb.drop(columns="obj_type").to_numpy()).all()
+
+
+def test_obj_type_names_accept_generator_types_only():
+    assert resolve_config("smoke", {"obj_type_names": {"truck": "bus"}}).written_type("truck") == "bus"
+    assert resolve_config("smoke", {"obj_type_names": {"truck": "bus"}}).written_type("car") == "car"
+    with pytest.raises(ConfigError, match="bicycle"):
+        resolve_config("smoke", {"obj_type_names": {"bicycle": "bike"}})
+    with pytest.raises(ConfigError, match="non-empty"):
+        resolve_config("smoke", {"obj_type_names": {"car": ""}})
+    with pytest.raises(ConfigError, match="mapping"):
+        resolve_config("smoke", {"obj_type_names": ["car"]})

@@ -1,6 +1,8 @@
 """The DAG itself: lint-clean, the paper grid plans >= 200 jobs, one product plans only its subgraph."""
 import re
 
+import yaml
+
 from pipeline_helpers import REPO_ROOT, SMOKE_CONFIG, run_command
 
 
@@ -29,3 +31,40 @@ def test_one_table_plans_only_its_own_subgraph():
     assert jobs["table"] == 1 and "figure" not in jobs and "show_sample" not in jobs
     # the ablation runs of the smoke grid need one fine-tuning job, not the multistage ones
     assert jobs["finetune"] < full["finetune"]
+
+
+def test_an_extra_dataset_is_generated_and_fused_on_demand_with_its_own_config():
+    done = run_command(["snakemake", "-n", "-p", "data/cache/synthetic_b/train", "--forceall",
+                        "--configfile", SMOKE_CONFIG], REPO_ROOT)
+    assert done.returncode == 0, done.output[-3000:]
+    jobs = planned(["data/cache/synthetic_b/train"], SMOKE_CONFIG)
+    assert jobs == {"generate": 1, "fuse": 1, "total": 2}
+    out = done.output
+    assert "turbotrain generate --config .turbotrain/datasets/synthetic_b.yaml --out data/raw/synthetic_b" in out
+    assert ("turbotrain fuse --config .turbotrain/datasets/synthetic_b.yaml --raw data/raw/synthetic_b "
+            "--split train --out data/cache/synthetic_b") in out
+    assert "logs/fuse/synthetic_b_train.log" in out and "benchmarks/fuse/synthetic_b_train.tsv" in out
+    assert "synthetic_smoke" not in out  # nothing of the primary dataset
+    # the job's config is the pipeline config with synthetic_b as `dataset` and its seed on top
+    cfg = yaml.safe_load((REPO_ROOT / ".turbotrain/datasets/synthetic_b.yaml").read_text())
+    assert cfg["dataset"]["name"] == "synthetic_b" and cfg["dataset"]["preset"] == "smoke" and cfg["seed"] == 1
+    assert cfg["dataset"]["synthetic_overrides"]["obj_type_names"]["truck"] == "bus"
+
+
+def test_the_primary_dataset_keeps_its_paths_and_commands():
+    done = run_command(["snakemake", "-n", "-p", "all", "--forceall", "--configfile", SMOKE_CONFIG], REPO_ROOT)
+    assert done.returncode == 0, done.output[-3000:]
+    out = done.output
+    assert "turbotrain generate --config .turbotrain/config.yaml --out data/raw/synthetic_smoke" in out
+    for split in ("train", "val", "test"):
+        assert (f"turbotrain fuse --config .turbotrain/config.yaml --raw data/raw/synthetic_smoke --split {split} "
+                "--out data/cache/synthetic_smoke") in out
+    assert "logs/generate/synthetic_smoke.log" in out and "results/figures/synthetic_smoke_sample_bev.png" in out
+
+
+def test_unknown_and_duplicate_dataset_names_fail_before_any_job():
+    done = run_command(["snakemake", "-n", "data/cache/nope/train", "--configfile", SMOKE_CONFIG], REPO_ROOT)
+    assert done.returncode != 0 and "No rule to produce data/cache/nope/train" in done.output
+    done = run_command(["snakemake", "-n", "all", "--configfile", SMOKE_CONFIG,
+                        "--config", "extra_datasets={synthetic_smoke: {preset: smoke}}"], REPO_ROOT)
+    assert done.returncode != 0 and "extra_datasets.synthetic_smoke: this name is the primary dataset's" in done.output

@@ -19,6 +19,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
 
 
+def _dataset_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="dataset.name or a key of extra_datasets (default: the primary dataset.name)")
+
+
 def _cmd_generate(args, config):
     from turbotrain.stages import data
 
@@ -118,16 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write the embedded synthetic V2X dataset (OpenCOOD layout)")
     _common(p)
+    _dataset_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("download", help="fetch dataset archives (checksummed, resumable) and unpack them")
     _common(p)
+    _dataset_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("fuse", help="build the fusion cache of one split")
     _common(p)
+    _dataset_arg(p)
     p.add_argument("--raw", required=True, help="OpenCOOD-layout dataset root")
     p.add_argument("--split", required=True)
     p.add_argument("--out", required=True, help="cache root (the split folder is created inside)")
@@ -135,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="draw one fused sample in bird's-eye view (PNG)")
     _common(p)
+    _dataset_arg(p)
     p.add_argument("--cache", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--index", type=int, default=0)
@@ -204,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
+        if getattr(args, "dataset", None) is not None:
+            from turbotrain.stages.data import with_dataset
+
+            config = with_dataset(config, args.dataset)
         args.func(args, config)
     except (ConfigError, DataError) as exc:
         print(f"turbotrain {args.command}: error: {exc}", file=sys.stderr)

@@ -43,25 +43,66 @@ _Validator = _with_defaults(jsonschema.Draft202012Validator)
 
 def validate_config(config: dict, source: str = "<config>") -> dict:
     """Validate ``config`` in place (filling defaults); raise ConfigError naming the key on failure."""
-    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    schema = load_schema()
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"{source}: invalid configuration:"]
         for err in errors[:10]:
             key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-            lines.append(f"  - {key}: {_explain(err)}")
+            lines.append(f"  - {key}: {_explain(err, schema)}")
         raise ConfigError("\n".join(lines))
+    check_config(config, source)
     return config
 
 
-def _explain(err: jsonschema.ValidationError) -> str:
-    if err.validator == "additionalProperties":
-        allowed = sorted(err.schema.get("properties", {}))
-        return f"{err.message} (allowed keys: {', '.join(allowed)})"
+def check_config(config: dict, source: str = "<config>") -> dict:
+    """Checks across keys that the schema cannot express (run after schema validation).
+
+    The Snakefile validates with Snakemake's ``validate`` (schema only) and then calls this too.
+    """
+    problems = []
+    primary = config["dataset"]["name"]
+    if primary in config.get("extra_datasets", {}):
+        problems.append(f"extra_datasets.{primary}: this name is the primary dataset's (dataset.name); "
+                        "an extra dataset needs a name of its own (its raw data and cache folders are named after it)")
+    # The Snakemake rule that generates (or downloads) raw data writes `<root>/<name>` for one root.
+    for kind in ("synthetic", "download"):
+        roots = {}
+        for key, ds in [("dataset", config["dataset"]),
+                        *((f"extra_datasets.{n}", e) for n, e in config.get("extra_datasets", {}).items())]:
+            if ds["source"] == kind:
+                roots.setdefault(ds["root"], key)
+        if len(roots) > 1:
+            (root_a, key_a), (root_b, key_b) = list(roots.items())[:2]
+            problems.append(f"{key_b}.root: {root_b!r} differs from {key_a}.root {root_a!r}; every {kind} dataset "
+                            "keeps its raw data under the same root (the data rules write <root>/<name>)")
+    if problems:
+        raise ConfigError("\n".join([f"{source}: invalid configuration:", *(f"  - {p}" for p in problems)]))
+    return config
+
+
+def _explain(err: jsonschema.ValidationError, schema: dict | None = None) -> str:
+    if err.validator in ("additionalProperties", "unevaluatedProperties"):
+        allowed = sorted(_property_names(err.schema, schema or {}))
+        message = err.message.replace("Unevaluated properties", "Additional properties")
+        return f"{message} (allowed keys: {', '.join(allowed)})"
     if err.validator == "enum":
         return f"{err.instance!r} is not one of {err.validator_value}"
     if err.validator == "type":
         return f"expected {err.validator_value}, got {type(err.instance).__name__} {err.instance!r}"
     return err.message
+
+
+def _property_names(sub: dict, schema: dict) -> set[str]:
+    """Keys a (sub)schema allows, following local ``$ref`` s (``unevaluatedProperties`` composes them)."""
+    names = set(sub.get("properties", {}))
+    ref = sub.get("$ref", "")
+    if ref.startswith("#/"):
+        target = schema
+        for part in ref[2:].split("/"):
+            target = target.get(part, {})
+        names |= _property_names(target, schema)
+    return names
 
 
 def set_by_path(config: dict, dotted: str, value: Any) -> None:

@@ -2,56 +2,100 @@
 import hashlib
 import json
 import os
+import re
+from pathlib import Path
 
 import yaml
 
-from turbotrain.config import config_hash
+from turbotrain.config import check_config, config_hash
 from turbotrain.experiments import Run, expand_runs, pretrain_path
-from turbotrain.stages.data import raw_root
+from turbotrain.stages.data import (cache_data_hash, dataset_names, download_data_hash, raw_data_hash, raw_root,
+                                    with_dataset)
+from turbotrain.utils.errors import ConfigError
+
+check_config(config, "snakemake config")  # what the schema (Snakefile `validate`) cannot express
 
 DATASET = config["dataset"]["name"]
+# Every dataset the data rules can build: the primary (fine-tuning, evaluation) first, then
+# `extra_datasets` (pretraining data). Each one's config is the pipeline config with it as `dataset`.
+DATASETS = dataset_names(config)
+DATASET_CONFIGS = {name: with_dataset(config, name) for name in DATASETS}
 RUNS = expand_runs(config)
 TABLES = sorted({t for g in config["experiments"]["groups"] for t in g["tables"]})
 EFFECTIVE_CONFIG = ".turbotrain/config.yaml"
 
 
-def _write_effective_config():
+def effective_config(dataset=None):
+    """The config file a job passes to `turbotrain --config`: EFFECTIVE_CONFIG for the primary
+    dataset, `.turbotrain/datasets/<name>.yaml` (`with_dataset(config, name)`) for an extra one."""
+    if dataset is None or dataset == DATASET:
+        return EFFECTIVE_CONFIG
+    return f".turbotrain/datasets/{dataset}.yaml"
+
+
+def _write_effective_config(path, cfg):
     """The validated config (with --config overrides) that rules pass to `turbotrain --config`.
 
     Rewritten only when its content changes, so its mtime never triggers reruns by itself; rules
     declare the config sections they depend on as params, which is what Snakemake tracks.
     """
-    text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
-    if os.path.exists(EFFECTIVE_CONFIG) and open(EFFECTIVE_CONFIG).read() == text:
+    text = yaml.safe_dump(json.loads(json.dumps(cfg)), sort_keys=True)
+    if os.path.exists(path) and open(path).read() == text:
         return
-    os.makedirs(os.path.dirname(EFFECTIVE_CONFIG), exist_ok=True)
-    tmp = f"{EFFECTIVE_CONFIG}.partial"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.partial"
     with open(tmp, "w") as fh:
         fh.write(text)
-    os.replace(tmp, EFFECTIVE_CONFIG)
+    os.replace(tmp, path)
 
 
-_write_effective_config()
+for _name in DATASETS:
+    _write_effective_config(effective_config(_name), DATASET_CONFIGS[_name])
+
+
+def datasets_from(source):
+    """Names of the datasets whose raw data comes from `source` (synthetic | download | local)."""
+    return [n for n in DATASETS if DATASET_CONFIGS[n]["dataset"]["source"] == source]
+
+
+def one_of(values):
+    """Wildcard constraint matching exactly these values."""
+    return "|".join(re.escape(v) for v in values)
+
+
+def raw_dir(dataset):
+    """Raw (OpenCOOD-layout) folder of a dataset: `<root>/<name>`, or `local_path` for a local one."""
+    return raw_root(DATASET_CONFIGS[dataset])
+
+
+def raw_pattern(source):
+    """`<root>/{dataset}`, where generate (or download) writes the raw data of `source` datasets
+    (one root per source, as `check_config` makes sure)."""
+    (root,) = {DATASET_CONFIGS[n]["dataset"]["root"] for n in datasets_from(source)}
+    return str(Path(root) / "{dataset}")
 
 
 def section_hash(*keys):
     return config_hash({k: config[k] for k in keys})
 
 
-GENERATION_KEYS = ("name", "source", "preset", "synthetic_overrides", "urls", "local_path")
+def dataset_hash(dataset=None):
+    """What a dataset's raw data depends on: its own section and seed, nothing of the other datasets."""
+    return raw_data_hash(DATASET_CONFIGS[dataset or DATASET])
 
 
-def dataset_hash():
-    """What the raw data depends on; the generator's process count changes how fast, not what."""
-    dataset = {k: config["dataset"][k] for k in GENERATION_KEYS}
-    dataset["synthetic_overrides"] = {k: v for k, v in dataset["synthetic_overrides"].items() if k != "workers"}
-    return config_hash({"dataset": dataset, "seed": config["seed"]})
+def download_hash(dataset=None):
+    """What a download depends on: the dataset's whole section (urls, checksums, names)."""
+    return download_data_hash(DATASET_CONFIGS[dataset or DATASET])
 
 
-def fusion_hash():
-    """What the fusion cache depends on besides the raw data."""
-    reading = {k: config["dataset"][k] for k in ("class_map", "on_bad_frame")}
-    return config_hash({"reading": reading, **{k: config[k] for k in ("cache", "grid", "classes", "seed")}})
+def fusion_hash(dataset=None):
+    """What a dataset's fusion cache depends on besides its raw data."""
+    return cache_data_hash(DATASET_CONFIGS[dataset or DATASET])
+
+
+def generator_workers(dataset):
+    return DATASET_CONFIGS[dataset]["dataset"]["synthetic_overrides"].get("workers", 1)
 
 
 CURVE_KEYS = ("curve_samples", "score_threshold", "nms_iou", "max_detections", "sort", "fde_threshold", "epa_alpha")
@@ -82,8 +126,11 @@ def trained_checkpoint(w):
     return f"{run_from_wildcards(w).train_dir}/final.pt"
 
 
-def cache_split(split):
-    return f"{config['cache']['root']}/{DATASET}/{split}"
+def cache_split(split, dataset=None):
+    """Fusion cache folder of one split of a dataset (default: the primary dataset)."""
+    if dataset is not None and dataset not in DATASETS:
+        raise ConfigError(f"cache_split: no dataset {dataset!r}; configured: {', '.join(DATASETS)}")
+    return f"{config['cache']['root']}/{dataset or DATASET}/{split}"
 
 
 def table_targets():

@@ -1,36 +1,44 @@
-# Data: generate (synthetic) or download the raw dataset, then one fusion-cache job per split.
+# Data: generate (synthetic) or download the raw data of every configured dataset (`dataset` and
+# `extra_datasets`), then one fusion-cache job per (dataset, split). The `dataset` wildcard takes
+# only configured names, and each source's rule only the names of its datasets; a dataset's jobs
+# read its own config (`effective_config(name)`) and hash only what its data depends on.
 
 
-if config["dataset"]["source"] == "synthetic":
+if datasets_from("synthetic"):
 
     rule generate:
         conda:
             "../../environment.yml"
         output:
-            directory(raw_root(config)),
+            directory(raw_pattern("synthetic")),
         params:
-            cfg=EFFECTIVE_CONFIG,
-            depends=dataset_hash(),
-        threads: config["dataset"]["synthetic_overrides"].get("workers", 1)
+            cfg=lambda w: effective_config(w.dataset),
+            depends=lambda w: dataset_hash(w.dataset),
+        wildcard_constraints:
+            dataset=one_of(datasets_from("synthetic")),
+        threads: lambda w: generator_workers(w.dataset)
         log:
-            f"logs/generate/{DATASET}.log",
+            "logs/generate/{dataset}.log",
         benchmark:
-            f"benchmarks/generate/{DATASET}.tsv"
+            "benchmarks/generate/{dataset}.tsv"
         shell:
             "turbotrain generate --config {params.cfg} --out {output} > {log} 2>&1"
 
-elif config["dataset"]["source"] == "download":
+
+if datasets_from("download"):
 
     rule download:
         conda:
             "../../environment.yml"
         output:
-            directory(raw_root(config)),
+            directory(raw_pattern("download")),
         params:
-            cfg=EFFECTIVE_CONFIG,
-            depends=section_hash("dataset"),
+            cfg=lambda w: effective_config(w.dataset),
+            depends=lambda w: download_hash(w.dataset),
+        wildcard_constraints:
+            dataset=one_of(datasets_from("download")),
         log:
-            f"logs/download/{DATASET}.log",
+            "logs/download/{dataset}.log",
         shell:
             "turbotrain download --config {params.cfg} --out {output} > {log} 2>&1"
 
@@ -39,19 +47,20 @@ rule fuse:
     conda:
         "../../environment.yml"
     input:
-        raw_root(config),
+        lambda w: raw_dir(w.dataset),
     output:
-        directory(f"{config['cache']['root']}/{DATASET}/{{split}}"),
+        directory(f"{config['cache']['root']}/{{dataset}}/{{split}}"),
     params:
-        cfg=EFFECTIVE_CONFIG,
+        cfg=lambda w: effective_config(w.dataset),
         root=lambda w, output: os.path.dirname(output[0]),
-        depends=fusion_hash(),
+        depends=lambda w: fusion_hash(w.dataset),
     wildcard_constraints:
+        dataset=one_of(DATASETS),
         split="train|val|test",
     log:
-        f"logs/fuse/{DATASET}_{{split}}.log",
+        "logs/fuse/{dataset}_{split}.log",
     benchmark:
-        f"benchmarks/fuse/{DATASET}_{{split}}.tsv"
+        "benchmarks/fuse/{dataset}_{split}.tsv"
     shell:
         "turbotrain fuse --config {params.cfg} --raw {input} --split {wildcards.split} --out {params.root} > {log} 2>&1"
 

@@ -9,9 +9,11 @@ Fusion modes decide which agent-frames a :class:`~turbotrain.data.sample.Sample`
 """
 from __future__ import annotations
 
+import bisect
 import json
 import struct
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -282,6 +284,76 @@ class FusedDataset(Dataset):
             future=shard["future"][lo:hi].copy(),
             future_valid=shard["future_valid"][lo:hi].copy(),
         )
+
+
+class UnionDataset(Dataset):
+    """Several :class:`FusedDataset` s (e.g. cross-dataset pretraining data) read as one, in order.
+
+    Like ``torch.utils.data.ConcatDataset``: index ``i`` runs through the first member's samples,
+    then the second's, and so on. Every member's ``class_map`` was applied when it was fused, so
+    the members' class indices already refer to one ``classes`` list; the union checks that they
+    were fused with the same list (and with grids, history/future lengths, voxel capacities and
+    fusion modes that batch together) and only concatenates. ``sources`` names each member
+    (default: its cache folder's name, ``<cache.root>/<dataset>/<split>`` -> ``<dataset>``).
+    """
+
+    # manifest config keys whose values must agree for samples of different members to batch together
+    _SAME_CONFIG = ("classes", "grid", "future", "max_points_per_voxel")
+
+    def __init__(self, datasets: Sequence[FusedDataset], sources: Sequence[str] | None = None):
+        self.datasets = list(datasets)
+        if not self.datasets:
+            raise ConfigError("UnionDataset needs at least one dataset")
+        self.sources = [d.split_dir.parent.name for d in self.datasets] if sources is None else [str(s) for s in sources]
+        if len(self.sources) != len(self.datasets):
+            raise ConfigError(f"UnionDataset: {len(self.sources)} source names for {len(self.datasets)} datasets")
+        if len(set(self.sources)) != len(self.sources):
+            raise ConfigError(f"UnionDataset: source names must be unique, got {self.sources} "
+                              "(pass sources=... when two caches share a folder name)")
+        first = self.datasets[0]
+        for other in self.datasets[1:]:
+            _check_compatible(first, other)
+        self.classes = list(first.manifest["config"]["classes"])
+        self.cumulative_sizes = np.cumsum([len(d) for d in self.datasets]).tolist()
+
+    def __len__(self) -> int:
+        return self.cumulative_sizes[-1]
+
+    def __getitem__(self, i: int) -> Sample:
+        member, j = self.locate(i)
+        return self.datasets[member][j]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(member index, index within that member) of union index ``i`` (negative indices allowed)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        i = i + len(self) if i < 0 else i
+        member = bisect.bisect_right(self.cumulative_sizes, i)
+        return member, i - (self.cumulative_sizes[member - 1] if member else 0)
+
+    def source_of(self, i: int) -> str:
+        """Name of the dataset sample ``i`` comes from."""
+        return self.sources[self.locate(i)[0]]
+
+    def sample_id(self, i: int) -> str:
+        """The member's sample id (``<split>/<scenario>/<ego_id>/<t>``; ids may repeat across sources)."""
+        member, j = self.locate(i)
+        return self.datasets[member].sample_id(j)
+
+
+def _check_compatible(a: FusedDataset, b: FusedDataset) -> None:
+    """ConfigError naming both cache folders unless samples of ``a`` and ``b`` mean the same and batch together."""
+    ca, cb = a.manifest["config"], b.manifest["config"]
+    for key in UnionDataset._SAME_CONFIG:
+        if ca[key] != cb[key]:
+            hint = (" (map each dataset's types onto the same `classes` with its dataset's class_map and fuse again)"
+                    if key == "classes" else "")
+            raise ConfigError(f"UnionDataset: {a.split_dir} was fused with {key} {ca[key]} but {b.split_dir} "
+                              f"with {key} {cb[key]}{hint}")
+    for attr in ("history", "fusion_mode"):
+        if getattr(a, attr) != getattr(b, attr):
+            raise ConfigError(f"UnionDataset: {a.split_dir} is read with {attr} {getattr(a, attr)!r} but "
+                              f"{b.split_dir} with {getattr(b, attr)!r}")
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:

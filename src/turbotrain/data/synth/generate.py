@@ -6,6 +6,9 @@ and 1-3 connected vehicles (ids 1, 2, 3) -- scans the scene (:mod:`.lidar`) and 
 within ``object_range`` of it. A connected vehicle is also an object of the scene: its track id
 equals its agent id, it appears in the other agents' labels and in ``trajectories.csv``, never in its
 own labels. Parked cars are labelled ``car`` (a detector must find them); buildings are not objects.
+``obj_type_names`` (e.g. ``{car: vehicle, truck: bus}``) renames the types written into the labels and
+``trajectories.csv``, so a second synthetic dataset can speak another class vocabulary, as real
+datasets do (the fusion stage maps it back with ``class_map``); the scenes and clouds stay the same.
 
 Determinism: every scenario draws from its own ``np.random.SeedSequence(seed, spawn_key=...)`` keyed
 by split name and index, split into independent streams for layout, traffic and sensor noise, so
@@ -33,7 +36,7 @@ from turbotrain.data.opencood import write_agent_frame, write_scenario_meta
 from turbotrain.data.records import AgentFrameRecord, ObjectRecord
 from turbotrain.data.synth.lidar import BUILDING, MATERIAL_OF_TYPE, LidarSpec, scan
 from turbotrain.data.synth.scene import Scene, SceneParams, build_scene, stratified_kinds
-from turbotrain.data.synth.traffic import Actor, TrafficParams, TrafficSimulator
+from turbotrain.data.synth.traffic import OBJECT_SIZES, Actor, TrafficParams, TrafficSimulator
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.errors import ConfigError
 
@@ -72,6 +75,7 @@ BASE_CONFIG: dict[str, Any] = {
     "traffic": {},
     "vehicle_lidar": VEHICLE_LIDAR,
     "infrastructure_lidar": INFRASTRUCTURE_LIDAR,
+    "obj_type_names": {},  # generator type (car | truck | pedestrian) -> the obj_type written; default: itself
 }
 
 
@@ -96,6 +100,11 @@ class GenerationConfig:
     traffic: TrafficParams
     vehicle_lidar: LidarSpec
     infrastructure_lidar: LidarSpec
+    obj_type_names: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def written_type(self, obj_type: str) -> str:
+        """The ``obj_type`` the files carry for a generator type."""
+        return self.obj_type_names.get(obj_type, obj_type)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -123,8 +132,21 @@ def resolve_config(preset: str | dict = "smoke", overrides: dict | None = None) 
     return GenerationConfig(
         splits=splits, frames=int(merged["frames"]), warmup_s=float(merged["warmup_s"]),
         object_range=float(merged["object_range"]), binary_pcd=bool(merged["binary_pcd"]),
-        workers=max(int(merged["workers"]), 1), **values,
+        workers=max(int(merged["workers"]), 1), obj_type_names=_obj_type_names(merged["obj_type_names"]), **values,
     )
+
+
+def _obj_type_names(names: Any) -> dict[str, str]:
+    """Validated ``obj_type_names``: keys are generator types, values non-empty names."""
+    if not isinstance(names, dict):
+        raise ConfigError(f"obj_type_names: expected a mapping such as {{car: vehicle}}, got {names!r}")
+    unknown = sorted(set(names) - set(OBJECT_SIZES))
+    if unknown:
+        raise ConfigError(f"obj_type_names: unknown object type(s) {unknown}; the generator writes {sorted(OBJECT_SIZES)}")
+    bad = {k: v for k, v in names.items() if not isinstance(v, str) or not v.strip()}
+    if bad:
+        raise ConfigError(f"obj_type_names: expected non-empty names, got {bad}")
+    return dict(sorted(names.items()))
 
 
 def _deep_merge(base: dict, update: dict, where: str) -> dict:
@@ -211,6 +233,13 @@ def place_agents(
     return agents
 
 
+def renamed(objects: list[ObjectRecord], config: GenerationConfig) -> list[ObjectRecord]:
+    """The objects with the ``obj_type`` the files carry (see ``obj_type_names``)."""
+    if not config.obj_type_names:
+        return objects
+    return [dataclasses.replace(o, obj_type=config.written_type(o.obj_type)) for o in objects]
+
+
 def objects_near(objects: list[ObjectRecord], agent: SensorAgent, pose: np.ndarray, radius: float) -> list[ObjectRecord]:
     """The labels of one agent: every object within ``radius`` (BEV) except its own vehicle."""
     return [
@@ -276,7 +305,7 @@ def generate_scenario(
         for agent in agents:
             pose = agent.pose()
             cloud = scan_frame(agent, pose, objects, scene.buildings, sensor_rng)
-            near = objects_near(objects, agent, pose, config.object_range)
+            near = renamed(objects_near(objects, agent, pose, config.object_range), config)
             record = AgentFrameRecord(
                 scenario=name, agent_id=agent.agent_id, timestamp=timestamp, lidar_pose=pose,
                 points=cloud, objects=near, ego_speed=agent.speed(),
@@ -284,7 +313,7 @@ def generate_scenario(
             write_agent_frame(root, split, record, binary=config.binary_pcd)
             points += len(cloud)
             labels += len(near)
-        rows += track_rows(objects, timestamp)
+        rows += track_rows(renamed(objects, config), timestamp)
         sim.step()
     write_scenario_meta(root, split, name, rows, scene.lanes)
     return {
