@@ -186,7 +186,7 @@ def test_each_dataset_hashes_only_what_its_own_data_depends_on():
         mine = with_dataset(cfg, name)
         return raw_data_hash(mine), cache_data_hash(mine), download_data_hash(mine)
 
-    alone = load_config("config/config.yaml", ["extra_datasets={}"])
+    alone = load_config("config/config.yaml", ["extra_datasets={}", "experiments.groups=[]"])  # no grid using synthetic_b
     cfg = load_config("config/config.yaml")
     # the formulas the single-dataset pipeline used, on the primary's own sections
     gen = {k: alone["dataset"][k] for k in ("name", "source", "preset", "synthetic_overrides", "urls", "local_path")}
@@ -217,3 +217,15 @@ def test_each_dataset_hashes_only_what_its_own_data_depends_on():
     del new["extra_datasets"]["synthetic_b"]["seed"]
     new["seed"] = 1
     assert hashes(new, "synthetic_b")[:2] == b[:2]
+
+
+def test_a_pretraining_variant_in_the_grid_must_name_configured_datasets():
+    from turbotrain.config import check_config
+
+    config = load_config("config/config.yaml")
+    config["experiments"]["groups"].append({"tables": ["transfer"], "pretrain": ["typo"]})
+    config["pretrain"]["variants"]["typo"] = {"type": "trajectory", "datasets": ["synthetic", "synthtic_b"]}
+    with pytest.raises(ConfigError, match=r"pretrain.variants.typo.datasets: 'synthtic_b' is not a configured dataset"):
+        check_config(config)
+    config["experiments"]["groups"].pop()  # an unused variant is not checked (merged configs inherit them)
+    check_config(config)

@@ -18,13 +18,13 @@ from snakemake.utils import update_config
 from pipeline_helpers import SMOKE_CONFIG, Finished, copy_repo, run_command
 from turbotrain.utils.atomic import write_yaml
 
-# The round trip covers the whole smoke DAG.
-DVC_STAGES = ("dataset", "cache", "results")
+# The round trip covers the whole smoke DAG (the smoke grid pretrains on the extra dataset too).
+DVC_STAGES = ("dataset", "cache", "extra_data@synthetic_b", "results")
 SNAKEMAKE_TARGETS = ("all",)
 # A parameter only the final evaluation depends on (not the training curves): DVC reruns `results`,
 # in which Snakemake re-evaluates the trained checkpoints without retraining them, and nothing upstream.
 CHANGED_SECTION, CHANGED_KEY, NEW_VALUE = "evaluation", "miss_threshold", 3.0
-RERUN_STAGE, KEPT_STAGES = "results", ("dataset", "cache")
+RERUN_STAGE, KEPT_STAGES = "results", ("dataset", "cache", "extra_data@synthetic_b")
 GIT_IDENTITY = ["-c", "user.name=turbotrain-test", "-c", "user.email=test@turbotrain.invalid"]
 
 
@@ -68,7 +68,7 @@ def out_hashes(repo: Path, stage: str) -> dict[str, str]:
 
 
 def ran_stages(repro: Finished) -> set[str]:
-    return {stage for stage in ("dataset", "cache", "results") if f"Running stage '{stage}'" in repro.output}
+    return {stage for stage in DVC_STAGES if f"Running stage '{stage}'" in repro.output}
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from turbotrain.report.tables import (
     data_efficiency_table,
     efficiency_table,
     main_table,
+    transfer_table,
     time_to_target,
     write_table,
 )
@@ -182,3 +183,35 @@ def test_main_table_reports_ap_per_class_and_iou_and_training_hours(frame, tmp_p
     assert expected and set(per_class) == expected and "ap@0.5/car_mean" in expected
     assert not any("m/" in c or c.count("/") > 1 for c in per_class)  # no per-range columns here
     assert {"cpu_hours_mean", "gpu_hours_mean", "min_ade_mean", "mr_mean", "epa_mean"} <= set(table.columns)
+
+
+def _transfer_metrics(tmp_path, pretrain_type, data, seed, map50):
+    document = json.loads((FIXTURES / "main-turbotrain-s0" / "metrics.json").read_text())
+    run = {**document["run"], "pretrain": f"{pretrain_type}_{data}", "pretrain_type": pretrain_type,
+           "pretrain_data": data, "seed": seed, "run_id": f"{pretrain_type}-{data}-{seed}"}
+    document["detection"]["map"]["0.5"] = map50
+    path = tmp_path / f"{run['run_id']}.json"
+    write_metrics(path, run, document["detection"], document["prediction"], document["training"])
+    return path
+
+
+def test_transfer_table_rows_are_pretraining_objective_and_data(tmp_path):
+    paths = [_transfer_metrics(tmp_path, "none", "–", 0, 0.5),
+             _transfer_metrics(tmp_path, "trajectory", "A", 0, 0.6), _transfer_metrics(tmp_path, "trajectory", "A", 1, 0.62),
+             _transfer_metrics(tmp_path, "trajectory", "B", 0, 0.55),
+             _transfer_metrics(tmp_path, "trajectory", "A+B", 0, 0.65)]
+    frame = metrics_frame(paths)
+    table = transfer_table(frame, tmp_path / "transfer.csv")
+    assert len(table) == 4
+    assert row(table, pretrain_type="trajectory", pretrain_data="A")["map@0.5_mean"] == pytest.approx(0.61)
+    assert row(table, pretrain_type="trajectory", pretrain_data="A+B")["n_seeds"] == 1
+    assert row(table, pretrain_type="none", pretrain_data="–")["map@0.5_mean"] == pytest.approx(0.5)
+    markdown = (tmp_path / "transfer.md").read_text()
+    assert "Fine-tuned and evaluated on" in markdown and "| trajectory | A+B |" in markdown
+
+
+def test_runs_without_pretraining_provenance_read_as_their_own_dataset(frame):
+    # metrics files written before pretrain_type / pretrain_data existed
+    first = frame.set_index("run_id").loc["main-turbotrain-s0"]
+    assert first["pretrain_type"] == first["pretrain"]
+    assert first["pretrain_data"] == (first["dataset"] if first["pretrain"] != "none" else "–")

@@ -150,11 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_show)
 
-    p = sub.add_parser("pretrain", help="masked reconstruction pretraining of one variant; writes pretrained.pt")
+    p = sub.add_parser("pretrain", help="pretraining of one variant (LiDAR and/or trajectory SSL); writes pretrained.pt")
     _common(p)
     p.add_argument("--variant", required=True, help="name of a pretrain.variants entry")
     p.add_argument("--fusion", required=True, choices=["none", "early", "fcooper", "attfuse", "v2xvit"])
-    p.add_argument("--cache", required=True)
+    p.add_argument("--cache", required=True, action="append",
+                   help="fusion cache root of a pretraining dataset (repeat for a union; folder name = dataset name)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, pretrained.pt)")
     p.set_defaults(func=_cmd_pretrain)
 
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tables", help="build one results table (CSV + Markdown) from metrics files")
     _common(p)
-    p.add_argument("--table", required=True, choices=["main", "ablation", "efficiency", "data_efficiency"])
+    p.add_argument("--table", required=True, choices=["main", "ablation", "efficiency", "data_efficiency", "transfer"])
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_tables)

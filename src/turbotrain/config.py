@@ -76,9 +76,25 @@ def check_config(config: dict, source: str = "<config>") -> dict:
             (root_a, key_a), (root_b, key_b) = list(roots.items())[:2]
             problems.append(f"{key_b}.root: {root_b!r} differs from {key_a}.root {root_a!r}; every {kind} dataset "
                             "keeps its raw data under the same root (the data rules write <root>/<name>)")
+    problems += _pretraining_data_problems(config)
     if problems:
         raise ConfigError("\n".join([f"{source}: invalid configuration:", *(f"  - {p}" for p in problems)]))
     return config
+
+
+def _pretraining_data_problems(config: dict) -> list[str]:
+    """Pretraining variants the experiment grid uses must name configured datasets.
+
+    Only variants the groups use: a config merged on top of another (config/paper.yaml) inherits
+    variants it does not run, and their datasets need not exist there.
+    """
+    known = [config["dataset"]["name"], *config.get("extra_datasets", {})]
+    used = {p for group in config.get("experiments", {}).get("groups", []) for p in group.get("pretrain", [])}
+    variants = config.get("pretrain", {}).get("variants", {})
+    return [f"pretrain.variants.{name}.datasets: {missing!r} is not a configured dataset (have {known}: "
+            "dataset.name and the keys of extra_datasets)"
+            for name in sorted(used & set(variants))
+            for missing in variants[name].get("datasets", []) if missing not in known]
 
 
 def _explain(err: jsonschema.ValidationError, schema: dict | None = None) -> str:

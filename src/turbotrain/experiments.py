@@ -19,6 +19,10 @@ FUSION_MODES = {
     "v2xvit": ("intermediate", "v2xvit"),
 }
 
+# Pretraining types (`pretrain.variants.<name>.type`) that mask LiDAR, and those that read tracks.
+LIDAR_TYPES = ("ego_only", "multi_agent", "spatiotemporal", "lidar_trajectory")
+TRAJECTORY_TYPES = ("trajectory", "lidar_trajectory")
+
 
 @dataclass(frozen=True, order=True)
 class Run:
@@ -72,3 +76,15 @@ def expand_runs(config: dict, table: str | None = None) -> list[Run]:
 
 def pretrain_path(dataset: str, fusion: str, pretrain: str) -> str:
     return f"runs/pretrain/{dataset}/{fusion}/{pretrain}/pretrained.pt"
+
+
+def variant_datasets(config: dict, pretrain: str) -> list[str]:
+    """The datasets pretraining variant ``pretrain`` reads (default: the fine-tuning dataset)."""
+    return list(config["pretrain"]["variants"][pretrain].get("datasets") or [config["dataset"]["name"]])
+
+
+def pretraining_sources(config: dict, pretrain: str) -> str:
+    """``A+B`` for a variant pretrained on datasets A and B; ``–`` for no pretraining."""
+    if config["pretrain"]["variants"][pretrain]["type"] == "none":
+        return "–"
+    return "+".join(variant_datasets(config, pretrain))

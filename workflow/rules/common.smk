@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from turbotrain.config import check_config, config_hash
-from turbotrain.experiments import Run, expand_runs, pretrain_path
+from turbotrain.experiments import LIDAR_TYPES, Run, expand_runs, pretrain_path, variant_datasets
 from turbotrain.stages.data import (cache_data_hash, dataset_names, download_data_hash, raw_data_hash, raw_root,
                                     with_dataset)
 from turbotrain.utils.errors import ConfigError
@@ -138,9 +138,9 @@ def table_targets():
 
 
 def masking_figures():
-    """One masking picture per pretrained (fusion, variant) pair of the grid."""
+    """One masking picture per (fusion, variant) pair of the grid whose pretraining masks LiDAR."""
     pairs = sorted({(r.trained_fusion, r.pretrain) for r in RUNS
-                    if config["pretrain"]["variants"][r.pretrain]["type"] != "none"})
+                    if config["pretrain"]["variants"][r.pretrain]["type"] in LIDAR_TYPES})
     return [f"results/figures/{DATASET}_masking_{f}_{p}.png" for f, p in pairs]
 
 

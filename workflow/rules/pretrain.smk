@@ -1,16 +1,17 @@
-# Pretraining: one job per (fusion model, pretraining variant). `none` variants need no job.
+# Pretraining: one job per (fusion model, pretraining variant). `none` variants need no job; a
+# variant naming several datasets (`pretrain.variants.<name>.datasets`) reads the union of their caches.
 
 
 rule pretrain:
     conda:
         "../../environment.yml"
     input:
-        train=cache_split("train"),
+        train=lambda w: [cache_split("train", d) for d in variant_datasets(config, w.pretrain)],
     output:
         pretrain_path(DATASET, "{fusion}", "{pretrain}"),
     params:
         cfg=EFFECTIVE_CONFIG,
-        root=lambda w, input: os.path.dirname(input.train),
+        caches=lambda w, input: " ".join(f"--cache {os.path.dirname(p)}" for p in input.train),
         run_dir=lambda w, output: os.path.dirname(output[0]),
         launch=launcher,
         depends=section_hash("pretrain", "model", "grid", "classes", "seed"),
@@ -25,7 +26,7 @@ rule pretrain:
         f"benchmarks/pretrain/{DATASET}_{{fusion}}_{{pretrain}}.tsv"
     shell:
         "{params.launch} pretrain --config {params.cfg} --variant {wildcards.pretrain} --fusion {wildcards.fusion}"
-        " --cache {params.root} --out {params.run_dir} > {log} 2>&1"
+        " {params.caches} --out {params.run_dir} > {log} 2>&1"
 
 
 rule show_masking:

@@ -13,7 +13,7 @@ rule table:
         cfg=EFFECTIVE_CONFIG,
         depends=section_hash("evaluation"),
     wildcard_constraints:
-        table="main|ablation|efficiency|data_efficiency",
+        table="main|ablation|efficiency|data_efficiency|transfer",
     log:
         "logs/tables/{table}.log",
     shell:

@@ -5,7 +5,9 @@ Fusion modes decide which agent-frames a :class:`~turbotrain.data.sample.Sample`
 * ``intermediate`` - every cooperating agent-frame, each in its own sensor frame with ``pose_to_ego``;
 * ``none`` - the ego's own agent-frames only;
 * ``early`` - per history step one agent-frame: all agents' points moved into the ego frame at t,
-  concatenated and re-voxelised on ``grid`` (identity ``pose_to_ego``, ``agent_id`` = the ego's).
+  concatenated and re-voxelised on ``grid`` (identity ``pose_to_ego``, ``agent_id`` = the ego's);
+* ``tracks`` - no agent-frames at all: the labels and the objects' tracks only (trajectory
+  pretraining reads no LiDAR).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from turbotrain.geometry import transform_points
 from turbotrain.grid import Grid
 from turbotrain.utils.errors import ConfigError, DataError
 
-FusionMode = Literal["intermediate", "early", "none"]
+FusionMode = Literal["intermediate", "early", "none", "tracks"]
 _MANIFEST_KEYS = ("format_version", "config", "config_hash", "sample_ids", "shards", "frame_stores", "files", "label_fractions")
 
 
@@ -138,8 +140,8 @@ class FusedDataset(Dataset):
     ):
         """``history``: use the most recent steps of the cached ones; ``grid`` / ``max_*``: early fusion's
         re-voxelisation (default: the cache's grid and points per voxel, and room for every agent's voxels)."""
-        if fusion_mode not in ("intermediate", "early", "none"):
-            raise ConfigError(f"fusion_mode must be intermediate, early or none, got {fusion_mode!r}")
+        if fusion_mode not in ("intermediate", "early", "none", "tracks"):
+            raise ConfigError(f"fusion_mode must be intermediate, early, none or tracks, got {fusion_mode!r}")
         self.split_dir = Path(cache_dir) / split
         self.fusion_mode = fusion_mode
         self.manifest = load_manifest(self.split_dir, expected_config_hash)
@@ -168,6 +170,8 @@ class FusedDataset(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         shard, row = self._locate(i)
+        if self.fusion_mode == "tracks":
+            return self._sample(shard, row, [])
         refs = self._frame_refs(shard, row)
         ego_id = int(shard["ego_ids"][row])
         if self.fusion_mode == "none":

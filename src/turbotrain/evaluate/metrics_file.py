@@ -7,7 +7,9 @@ Schema (``METRICS_SCHEMA``, checked on write and on read)::
       "run": {experiment, variant, dataset, fusion, pretrain, balancer: str,
               label_fraction: number in (0, 1], seed: int, mask_ratio: number in [0, 1) or null,
               run_id: str (optional; joins Snakemake benchmark TSVs;
-              defaults to the metrics file's path without '.json')},
+              defaults to the metrics file's path without '.json'),
+              recipe, pretrain_type, pretrain_data: str (optional; what the run was fine-tuned with,
+              which pretraining objective and on which datasets, '+'-joined)},
       "detection": output of evaluate_detection: {sort: "global"|"local", iou_thresholds: [..],
                    ap: {"0.5": {"car": x|null, ..}}, map: {"0.5": x|null}, num_gt: {..},
                    range: {"0-30m": {ap: .., map: ..}, ..}}           (may be {} for no detection)
@@ -36,6 +38,7 @@ from turbotrain.utils.errors import DataError
 SCHEMA_VERSION = 1
 RUN_NAME_KEYS = ("experiment", "variant", "dataset", "fusion", "pretrain", "balancer")
 RUN_KEYS = (*RUN_NAME_KEYS, "label_fraction", "seed", "mask_ratio")
+OPTIONAL_RUN_KEYS = ("recipe", "pretrain_type", "pretrain_data")
 TRAINING_KEYS = ("wall_s", "device", "epochs", "steps", "gpu_hours", "cpu_hours")
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -61,6 +64,7 @@ METRICS_SCHEMA = {
                 "seed": {"type": "integer"},
                 "mask_ratio": {"type": ["number", "null"], "minimum": 0, "exclusiveMaximum": 1},
                 "run_id": {"type": "string", "minLength": 1},
+                **{key: {"type": "string", "minLength": 1} for key in OPTIONAL_RUN_KEYS},
             },
         },
         "detection": {
@@ -160,7 +164,10 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
     """One flat row: run keys, ``run_id``, ``ap@0.5/car``, ``map@0.5``, ``map@0.5/0-30m``, ``min_ade``..."""
     row = {key: document["run"][key] for key in RUN_KEYS}
     row["run_id"] = document["run"].get("run_id", run_id)
-    row["recipe"] = document["run"].get("recipe", "joint")  # optional: metrics of other tools lack it
+    # optional: metrics of other tools lack them
+    row["recipe"] = document["run"].get("recipe", "joint")
+    row["pretrain_type"] = document["run"].get("pretrain_type", row["pretrain"])
+    row["pretrain_data"] = document["run"].get("pretrain_data", "–" if row["pretrain"] == "none" else row["dataset"])
     detection = document["detection"]
     row.update(_flatten_ap(detection, suffix=""))
     for label, block in detection.get("range", {}).items():

@@ -8,6 +8,10 @@ Variants (``pretrain.variants.<name>.type``):
 * ``spatiotemporal``: TurboTrain, the intermediate-fusion model over all H history steps; masking
   across time; the current frame is reconstructed from the temporally fused map and each history
   step from its multi-agent fused map; encoder, BEV backbone, fusion and temporal parts transfer.
+* ``trajectory``: SmartPretrain on the object tracks only (no LiDAR read), see
+  :mod:`turbotrain.pretrain.trajectory`; the prediction head's track encoder and interaction transfer.
+* ``lidar_trajectory``: ``spatiotemporal`` and ``trajectory`` together on the same batches, their
+  losses summed (:class:`CombinedPretraining`); both sets of parts transfer.
 """
 from __future__ import annotations
 
@@ -15,20 +19,24 @@ import torch
 from torch import nn
 
 from turbotrain.data.sample import Batch
+from turbotrain.experiments import LIDAR_TYPES, TRAJECTORY_TYPES  # noqa: F401 (re-exported for the stages)
 from turbotrain.grid import Grid
 from turbotrain.pretrain.chamfer import chamfer_loss
 from turbotrain.pretrain.masking import MaskPlan, conceal_masked_voxels, plan_masking
+from turbotrain.pretrain.transfer import group_state
+
+SPATIOTEMPORAL_PARTS = ("encoder", "bev_backbone", "fusion", "temporal")
 
 # What each variant reads from the fusion cache and which model groups it pretrains / transfers.
 VARIANT_INPUT = {
     "ego_only": {"fusion_mode": "none", "history": 1, "transfer": ("encoder",)},
     "multi_agent": {"fusion_mode": "early", "history": 1, "transfer": ("encoder",)},
-    "spatiotemporal": {
-        "fusion_mode": "intermediate",
-        "history": None,  # all cached history steps
-        "transfer": ("encoder", "bev_backbone", "fusion", "temporal"),
-    },
+    "spatiotemporal": {"fusion_mode": "intermediate", "history": None, "transfer": SPATIOTEMPORAL_PARTS},  # None: all cached steps
+    # the trajectory objective names its own parts (TrajectorySSL.export_groups)
+    "trajectory": {"fusion_mode": "tracks", "history": None, "transfer": ()},
+    "lidar_trajectory": {"fusion_mode": "intermediate", "history": None, "transfer": SPATIOTEMPORAL_PARTS},
 }
+
 
 
 class ReconstructionDecoder(nn.Module):
@@ -56,10 +64,14 @@ class MaskedReconstruction(nn.Module):
     :meth:`encode` (BEV maps of the masked input) -> :meth:`reconstruct` (points per masked cell).
     """
 
+    tasks = ("reconstruction",)
+
     def __init__(self, model: nn.Module, grid: Grid, variant: dict, num_steps: int, vfe_channels: int,
-                 bev_channels: int, points_per_cell: int = 20, max_target_points: int = 64):
+                 bev_channels: int, points_per_cell: int = 20, max_target_points: int = 64,
+                 transfer: tuple[str, ...] = SPATIOTEMPORAL_PARTS):
         super().__init__()
         self.model = model
+        self.export_groups = tuple(transfer)
         self.grid = grid
         self.mask_ratio = float(variant.get("mask_ratio", 0.7))
         self.temporal = variant.get("temporal_masking", "shared")
@@ -104,3 +116,34 @@ class MaskedReconstruction(nn.Module):
                 "masked_share": torch.tensor(len(plan.cells) / max(plan.nonempty_cells, 1)),
             },
         }
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The pretrained tensors of the transferred model parts, named as in the model."""
+        return group_state(self.model, self.export_groups)
+
+
+class CombinedPretraining(nn.Module):
+    """Several objectives over the same batch (and the same model): their task losses side by side.
+
+    Task names must differ, so the engine's balancer (a plain sum for pretraining) sees each term and
+    the scalar log keeps them apart.
+    """
+
+    def __init__(self, *objectives: nn.Module):
+        super().__init__()
+        self.objectives = nn.ModuleList(objectives)
+        self.tasks = tuple(t for o in objectives for t in o.tasks)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"objectives share task names: {self.tasks}")
+        self.export_groups = tuple(g for o in objectives for g in o.export_groups)
+
+    def forward(self, batch: Batch) -> dict:
+        losses, log = {}, {}
+        for objective in self.objectives:
+            out = dict(objective(batch))
+            log.update(out.pop("log", {}))
+            losses.update(out)
+        return {**losses, "log": log}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return {k: v for o in self.objectives for k, v in o.export().items()}

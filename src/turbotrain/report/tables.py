@@ -150,6 +150,16 @@ def ablation_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment:
     return _build_and_write(_select(frame, experiment), ["pretrain", "balancer", "mask_ratio"], metrics, csv_path)
 
 
+def transfer_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
+                   metrics: Sequence[str] = ABLATION_METRICS) -> pd.DataFrame:
+    """Pretraining objective x pretraining data (A, B, A+B, ...) for runs fine-tuned on one dataset."""
+    frame = _select(frame, experiment)
+    tuned_on = "/".join(sorted(frame["dataset"].unique()))
+    table = build_table(frame, ["pretrain_type", "pretrain_data"], _present(frame, metrics))
+    write_table(table, csv_path, f"Fine-tuned and evaluated on {tuned_on}. " + _sort_note(frame))
+    return table
+
+
 def data_efficiency_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
                           metrics: Sequence[str] = DATA_EFFICIENCY_METRICS) -> pd.DataFrame:
     """Label fraction x pretraining type; writes CSV + Markdown."""

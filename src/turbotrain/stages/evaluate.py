@@ -14,7 +14,7 @@ from turbotrain.data.sample import AgentFrame, Sample, collate
 from turbotrain.evaluate.detection import DetectionFilter, FrameResult, boxes_inside_range, evaluate_detection
 from turbotrain.evaluate.metrics_file import write_metrics
 from turbotrain.evaluate.prediction import PredictionConfig, PredictionFrame, evaluate_prediction
-from turbotrain.experiments import FUSION_MODES, Run
+from turbotrain.experiments import FUSION_MODES, LIDAR_TYPES, Run, pretraining_sources
 from turbotrain.geometry import transform_boxes
 from turbotrain.ops.rotated_iou import rotated_nms
 from turbotrain.stages.common import build_model, dataset, grid_of
@@ -128,7 +128,8 @@ def evaluate(config: dict, run: Run, checkpoint: str, cache_root: str, out_path:
         "experiment": config["experiment"], "variant": f"{run.pretrain}+{run.recipe}-{run.balancer}",
         "dataset": run.dataset, "fusion": run.fusion, "pretrain": run.pretrain, "balancer": run.balancer,
         "recipe": run.recipe, "label_fraction": run.label_fraction, "seed": run.seed,
-        "mask_ratio": variant["mask_ratio"] if variant["type"] != "none" else None,
+        "mask_ratio": variant["mask_ratio"] if variant["type"] in LIDAR_TYPES else None,
+        "pretrain_type": variant["type"], "pretrain_data": pretraining_sources(config, run.pretrain),
         "run_id": run.metrics_path.removeprefix("results/metrics/").removesuffix(".json"),
     }
     write_metrics(out_path, run_record, detection, prediction, training)

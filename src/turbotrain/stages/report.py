@@ -39,10 +39,12 @@ def write_tables(config: dict, table: str, metrics_paths: list[str], out_csv: st
         return tables.ablation_table(frame, out_csv)
     if table == "data_efficiency":
         return tables.data_efficiency_table(frame, out_csv)
+    if table == "transfer":
+        return tables.transfer_table(frame, out_csv)
     if table == "efficiency":
         return tables.efficiency_table(frame, out_csv, rows=("fusion", "variant"), target_ap50=ev["target_ap50"],
                                        target_epa=ev["target_epa"], benchmarks=_benchmarks(frame))
-    raise ConfigError(f"unknown table {table!r}; expected main, ablation, efficiency or data_efficiency")
+    raise ConfigError(f"unknown table {table!r}; expected main, ablation, efficiency, data_efficiency or transfer")
 
 
 def _stage_logs(run: Run) -> pd.DataFrame:

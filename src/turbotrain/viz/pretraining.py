@@ -24,6 +24,7 @@ from turbotrain.grid import Grid
 from turbotrain.pretrain.chamfer import chamfer_distance
 from turbotrain.pretrain.masking import BevCellIndexer, MaskPlan
 from turbotrain.utils.atomic import atomic_path
+from turbotrain.utils.errors import ConfigError
 
 VISIBLE_COLOR = "#4c72b0"
 MASKED_CELL_COLOR = "#f2b134"
@@ -189,13 +190,18 @@ def render_masking_example(config: dict, cache_root: str | Path, variant_name: s
     ``checkpoint`` is a pretraining run's ``objective.pt`` (or ``last.pt``): the decoder lives there,
     not in ``pretrained.pt``. ``None`` draws an untrained model, which shows the masking only.
     """
+    from turbotrain.pretrain.objective import MaskedReconstruction
     from turbotrain.stages.pretrain import build_objective  # the stage imports the engine: keep plotting light
     from turbotrain.train.checkpoint import load_checkpoint
 
-    setup = build_objective(config, variant_name, fusion, str(cache_root), split)
-    objective = setup.objective
+    setup = build_objective(config, variant_name, fusion, [str(cache_root)], split=split)
     if checkpoint is not None:
-        objective.load_state_dict(load_checkpoint(checkpoint)["model"])
+        setup.objective.load_state_dict(load_checkpoint(checkpoint)["model"])
+    lidar = [o for o in getattr(setup.objective, "objectives", [setup.objective]) if isinstance(o, MaskedReconstruction)]
+    if not lidar:
+        raise ConfigError(f"pretrain.variants.{variant_name}: a {config['pretrain']['variants'][variant_name]['type']} "
+                          "variant masks no LiDAR: there is no masking to draw")
+    objective = lidar[0]
     sample = setup.data[index]
     batch = collate([sample])
     plan = objective.draw_plan(batch, torch.Generator().manual_seed(config["seed"]))
