@@ -68,6 +68,17 @@ def pipeline_env(workdir: Path) -> dict[str, str]:
     return env
 
 
+def smoke_merged_config(root: Path = REPO_ROOT) -> dict:
+    """config/config.yaml with config/smoke.yaml merged on top, as `--configfile` merges it, validated."""
+    from snakemake.utils import update_config
+
+    from turbotrain.config import validate_config
+
+    config = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((root / SMOKE_CONFIG).read_text()))
+    return validate_config(config)
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     """Write ``data`` as YAML (an extra ``--configfile`` for one test); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@ import re
 
 import yaml
 
-from pipeline_helpers import REPO_ROOT, SMOKE_CONFIG, run_command
+from pipeline_helpers import REPO_ROOT, SMOKE_CONFIG, run_command, smoke_merged_config
+
+from turbotrain.stages.data import with_dataset
 
 
 def planned(targets, configfile):
@@ -46,7 +48,7 @@ def test_an_extra_dataset_is_generated_and_fused_on_demand_with_its_own_config()
     assert "logs/fuse/synthetic_b_train.log" in out and "benchmarks/fuse/synthetic_b_train.tsv" in out
     assert "synthetic_smoke" not in out  # nothing of the primary dataset
     # the job's config is the pipeline config with synthetic_b as `dataset` and its seed on top
-    cfg = yaml.safe_load((REPO_ROOT / ".turbotrain/datasets/synthetic_b.yaml").read_text())
+    cfg = with_dataset(smoke_merged_config(), "synthetic_b")
     assert cfg["dataset"]["name"] == "synthetic_b" and cfg["dataset"]["preset"] == "smoke" and cfg["seed"] == 1
     assert cfg["dataset"]["synthetic_overrides"]["obj_type_names"]["truck"] == "bus"
 
@@ -68,3 +70,12 @@ def test_unknown_and_duplicate_dataset_names_fail_before_any_job():
     done = run_command(["snakemake", "-n", "all", "--configfile", SMOKE_CONFIG,
                         "--config", "extra_datasets={synthetic_smoke: {preset: smoke}}"], REPO_ROOT)
     assert done.returncode != 0 and "extra_datasets.synthetic_smoke: this name is the primary dataset's" in done.output
+
+
+def test_a_dry_run_leaves_the_running_pipelines_config_alone():
+    effective = REPO_ROOT / ".turbotrain" / "config.yaml"
+    before = effective.read_bytes() if effective.exists() else None
+    for flags in (["-n", "all"], ["-np", "all"], ["--dry-run", "all"], ["--lint"]):
+        done = run_command(["snakemake", *flags, "--configfile", SMOKE_CONFIG, "--config", "seed=123"], REPO_ROOT)
+        assert done.returncode == 0, done.output[-3000:]
+        assert (effective.read_bytes() if effective.exists() else None) == before

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -49,8 +50,22 @@ def _write_effective_config(path, cfg):
     os.replace(tmp, path)
 
 
-for _name in DATASETS:
-    _write_effective_config(effective_config(_name), DATASET_CONFIGS[_name])
+def _plans_only():
+    """Whether this Snakemake invocation only plans (dry run, lint) and runs no job.
+
+    Such invocations must not rewrite the effective config: a dry run with another --configfile
+    while a pipeline runs in the same folder would hand that pipeline's next jobs the other config
+    (Snakemake locks the folder against a second real run, not against dry runs). Snakemake does not
+    tell a Snakefile that it is a dry run while parsing, so read the command line.
+    """
+    short_flags = [a for a in sys.argv[1:] if re.fullmatch(r"-[A-Za-z]+", a)]
+    return (any(a in ("--dry-run", "--dryrun", "--lint") for a in sys.argv[1:])
+            or any("n" in flags for flags in short_flags))
+
+
+if not _plans_only():
+    for _name in DATASETS:
+        _write_effective_config(effective_config(_name), DATASET_CONFIGS[_name])
 
 
 def datasets_from(source):
