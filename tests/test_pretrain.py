@@ -1,6 +1,7 @@
 """Masked multi-agent reconstruction: no leak of hidden points, the loss falls, and the stage runs."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -222,3 +223,26 @@ def test_render_masking_example_from_a_pretraining_run(smoke_cache, tmp_path):
     untrained = render_masking_example(config, cache, "ego_only", None, tmp_path / "untrained.png")
     for path in (trained, untrained):
         assert matplotlib.image.imread(path).shape[0] > 500
+
+
+def test_a_variant_may_change_the_pretraining_budget(smoke_cache, tmp_path):
+    config, cache = smoke_cache
+    config = copy.deepcopy(config)
+    config["pretrain"]["variants"]["trajectory"]["train"] = {"max_steps": 3, "checkpoint_every": 3}
+    meta = pretrain(config, "trajectory", "attfuse", cache, str(tmp_path / "long"))
+    assert meta["steps"] == 3 and meta["train"] == {"max_steps": 3, "checkpoint_every": 3}
+    assert config["pretrain"]["train"]["max_steps"] == 1  # the other variants keep the shared budget
+
+
+def test_pretraining_settings_of_one_variant_ignore_the_other_variants():
+    from turbotrain.experiments import pretrain_settings
+
+    config = load_config("config/config.yaml")
+    before = copy.deepcopy(pretrain_settings(config, "spatiotemporal"))
+    config["pretrain"]["variants"]["trajectory"]["trajectory"]["window"] = 4
+    config["pretrain"]["variants"]["brand_new"] = {"type": "trajectory"}
+    assert pretrain_settings(config, "spatiotemporal") == before
+    config["pretrain"]["variants"]["spatiotemporal"]["mask_ratio"] = 0.5
+    assert pretrain_settings(config, "spatiotemporal") != before
+    config["pretrain"]["points_per_cell"] = 10  # shared settings count for every variant
+    assert pretrain_settings(config, "trajectory")["pretrain"]["points_per_cell"] == 10

@@ -88,3 +88,16 @@ def pretraining_sources(config: dict, pretrain: str) -> str:
     if config["pretrain"]["variants"][pretrain]["type"] == "none":
         return "–"
     return "+".join(variant_datasets(config, pretrain))
+
+
+def pretrain_settings(config: dict, pretrain: str) -> dict:
+    """Everything one pretraining job's result depends on in the config: its own variant (not the
+    other variants), the shared pretraining settings, its datasets, the model and the data layout.
+
+    Snakemake hashes it into the job's ``depends`` param and the stage into the run folder's
+    fingerprint, so adding or editing another variant reruns and restarts nothing.
+    """
+    shared = {k: v for k, v in config["pretrain"].items() if k != "variants"}
+    return {"variant": config["pretrain"]["variants"][pretrain], "pretrain": shared,
+            "datasets": variant_datasets(config, pretrain),
+            **{k: config[k] for k in ("model", "grid", "classes", "seed")}}

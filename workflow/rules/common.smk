@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from turbotrain.config import check_config, config_hash
-from turbotrain.experiments import LIDAR_TYPES, Run, expand_runs, pretrain_path, variant_datasets
+from turbotrain.experiments import LIDAR_TYPES, Run, expand_runs, pretrain_path, pretrain_settings, variant_datasets
 from turbotrain.stages.data import (cache_data_hash, dataset_names, download_data_hash, raw_data_hash, raw_root,
                                     with_dataset)
 from turbotrain.utils.errors import ConfigError
@@ -124,6 +124,11 @@ def curve_hash():
 def evaluation_hash():
     """Evaluation settings that change metrics (the efficiency-table targets only change tables)."""
     return config_hash({k: v for k, v in config["evaluation"].items() if not k.startswith("target_")})
+
+
+def pretrain_hash(variant):
+    """What one pretraining job depends on (`pretrain_settings`): not the other variants."""
+    return config_hash(pretrain_settings(config, variant))
 
 
 def gpu_resources():

@@ -14,7 +14,7 @@ rule pretrain:
         caches=lambda w, input: " ".join(f"--cache {os.path.dirname(p)}" for p in input.train),
         run_dir=lambda w, output: os.path.dirname(output[0]),
         launch=launcher,
-        depends=section_hash("pretrain", "model", "grid", "classes", "seed"),
+        depends=lambda w: pretrain_hash(w.pretrain),
     wildcard_constraints:
         fusion="none|early|fcooper|attfuse|v2xvit",
     resources:

@@ -12,7 +12,7 @@ import torch
 
 from turbotrain.data.dataset import FusedDataset, UnionDataset
 from turbotrain.data.sample import collate
-from turbotrain.experiments import FUSION_MODES
+from turbotrain.experiments import FUSION_MODES, pretrain_settings
 from turbotrain.pretrain.objective import (LIDAR_TYPES, TRAJECTORY_TYPES, VARIANT_INPUT, CombinedPretraining,
                                           MaskedReconstruction)
 from turbotrain.pretrain.trajectory import TrajectorySSL
@@ -124,15 +124,16 @@ def pretrain(config: dict, variant_name: str, fusion: str, cache_roots: list[str
              sources: list[str] | None = None) -> dict:
     """Train ``variant_name`` on the caches' train split in ``out_dir`` (resuming there); export pretrained.pt."""
     cache_roots = [cache_roots] if isinstance(cache_roots, str) else list(cache_roots)
+    variant_of(config, variant_name)  # an unknown or `none` variant fails before anything is written
     run_dir = Path(out_dir)
     if is_main_process():
-        inputs = {"variant": variant_name, "fusion": fusion, "seed": config["seed"],
-                  "train_cache": [cache_fingerprint(root) for root in cache_roots],
-                  "config": {k: config[k] for k in ("classes", "grid", "model", "pretrain")}}
+        inputs = {"variant": variant_name, "fusion": fusion, "train_cache": [cache_fingerprint(r) for r in cache_roots],
+                  "config": pretrain_settings(config, variant_name)}
         claim_run_dir(run_dir, inputs)
     setup = build_objective(config, variant_name, fusion, cache_roots, sources)
     variant, data, objective, section = setup.variant, setup.data, setup.objective, config["pretrain"]
-    engine = train_config(section["train"], len(data), config["seed"], config["device"], final_name="objective.pt")
+    engine = train_config({**section["train"], **variant["train"]}, len(data), config["seed"], config["device"],
+                          final_name="objective.pt")
     for part in getattr(objective, "objectives", [objective]):
         if isinstance(part, TrajectorySSL):
             part.total_updates = engine.max_steps * engine.grad_accum_steps
