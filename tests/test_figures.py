@@ -15,6 +15,7 @@ from turbotrain.report.figures import (
     gradient_conflict,
     learning_curves,
     save_figure,
+    trajectory_pretraining,
     unlabelled_axes,
 )
 
@@ -116,3 +117,18 @@ def test_save_figure_refuses_unlabelled_axes(tmp_path):
     with pytest.raises(ValueError, match="unlabelled"):
         save_figure(fig, tmp_path / "bad.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_trajectory_pretraining_curves(tmp_path):
+    steps = np.arange(1, 201)
+    log = pd.DataFrame({"step": steps, "loss/contrastive": 6.0 / np.sqrt(steps),
+                        "loss/trajectory_reconstruction": 0.5 / steps ** 0.3,
+                        "log/positive_top1": np.where(steps % 5 == 0, np.nan, 1 - 1 / np.sqrt(steps))})
+    fig = trajectory_pretraining({"trajectory (A)": log, "trajectory (A+B)": log.assign(**{"loss/contrastive": 5.0})},
+                                 tmp_path / "trajectory.png")
+    assert_png(tmp_path / "trajectory.png")
+    assert_labelled(fig, 3)
+    assert fig.axes[2].get_ylabel() == "positive top-1"
+    assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
+    with pytest.raises(ValueError, match="not trajectory pretraining runs"):
+        trajectory_pretraining({"x": log.drop(columns=["log/positive_top1"])}, tmp_path / "none.png")

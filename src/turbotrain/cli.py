@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="draw one results figure (PNG)")
     _common(p)
     p.add_argument("--figure", required=True,
-                   choices=["learning_curves", "gradient_conflict", "ap_vs_time", "data_efficiency", "qualitative_bev"])
+                   choices=["learning_curves", "gradient_conflict", "ap_vs_time", "data_efficiency", "qualitative_bev",
+                            "trajectory_pretraining"])
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--cache", default=None, help="fusion cache root (qualitative figure)")
     p.add_argument("--out", required=True)

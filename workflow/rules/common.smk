@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from turbotrain.config import check_config, config_hash
-from turbotrain.experiments import LIDAR_TYPES, Run, expand_runs, pretrain_path, pretrain_settings, variant_datasets
+from turbotrain.experiments import LIDAR_TYPES, TRAJECTORY_TYPES, Run, expand_runs, pretrain_path, pretrain_settings, variant_datasets
 from turbotrain.stages.data import (cache_data_hash, dataset_names, download_data_hash, raw_data_hash, raw_root,
                                     with_dataset)
 from turbotrain.utils.errors import ConfigError
@@ -171,7 +171,13 @@ def figure_targets():
         "results/figures/ap_vs_time.png",
         "results/figures/data_efficiency.png",
         "results/figures/qualitative_bev.png",
-    ]
+    ] + trajectory_figure()
+
+
+def trajectory_figure():
+    """The trajectory-pretraining curves, when the grid pretrains with a trajectory objective."""
+    types = {config["pretrain"]["variants"][r.pretrain]["type"] for r in RUNS}
+    return ["results/figures/trajectory_pretraining.png"] if types & set(TRAJECTORY_TYPES) else []
 
 
 def launcher(wildcards, resources):

@@ -30,7 +30,7 @@ rule figure:
     params:
         cfg=EFFECTIVE_CONFIG,
     wildcard_constraints:
-        figure="learning_curves|gradient_conflict|ap_vs_time|data_efficiency|qualitative_bev",
+        figure="learning_curves|gradient_conflict|ap_vs_time|data_efficiency|qualitative_bev|trajectory_pretraining",
     log:
         "logs/figures/{figure}.log",
     shell:

@@ -79,6 +79,32 @@ def learning_curves(logs: Mapping[str, LogSource], path: str | os.PathLike, smoo
     return fig
 
 
+TRAJECTORY_PANELS = {  # metrics.csv column -> (title, y label)
+    "loss/contrastive": ("Trajectory contrast (InfoNCE)", "contrastive loss"),
+    "loss/trajectory_reconstruction": ("Masked-segment reconstruction", "SmoothL1 (m)"),
+    "log/positive_top1": ("Same agent ranked first", "positive top-1"),
+}
+
+
+def trajectory_pretraining(logs: Mapping[str, LogSource], path: str | os.PathLike, smooth: int = 10) -> Figure:
+    """SmartPretrain runs (label -> their ``metrics.csv``): both losses and how often an agent's other
+    window is its best match among all candidates (in-batch agents and the queue)."""
+    frame = _stack(logs, "pretraining")
+    missing = [c for c in TRAJECTORY_PANELS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: logs lack {missing}: not trajectory pretraining runs?")
+    with _theme():
+        fig, axes = _panels(len(TRAJECTORY_PANELS))
+        for ax, (column, (title, ylabel)) in zip(axes, TRAJECTORY_PANELS.items()):
+            _smoothed_lines(ax, frame.dropna(subset=[column]), "step", column, "pretraining", smooth)
+            ax.set(title=title, xlabel="Pretraining step", ylabel=ylabel)
+        axes[-1].yaxis.set_major_formatter(_percent())
+        _single_legend(axes)
+        fig.suptitle("Trajectory pretraining (SmartPretrain)", fontweight="bold")
+    save_figure(fig, path)
+    return fig
+
+
 def gradient_conflict(logs: Mapping[str, LogSource], path: str | os.PathLike, smooth: int = 20) -> Figure:
     """Task-gradient cosine, conflict rate (rolling share of conflicting steps) and gradient-norm ratio
     over training, one line per balancer (``logs`` balancer name -> gradient CSV)."""

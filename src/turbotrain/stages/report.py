@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from turbotrain.evaluate.metrics_file import metrics_frame
-from turbotrain.experiments import Run, expand_runs, pretrain_path
+from turbotrain.experiments import TRAJECTORY_TYPES, Run, expand_runs, pretrain_path, pretraining_sources
 from turbotrain.report import figures, tables
 from turbotrain.utils.errors import ConfigError
 
@@ -90,10 +90,24 @@ def write_figure(config: dict, figure: str, metrics_paths: list[str], out_png: s
         figures.ap_vs_time(runs, out_png)
     elif figure == "data_efficiency":
         figures.data_efficiency(_of_table(frame, config, "data_efficiency"), out_png)
+    elif figure == "trajectory_pretraining":
+        figures.trajectory_pretraining(_trajectory_pretraining_logs(config, frame), out_png)
     elif figure == "qualitative_bev":
         _qualitative(config, frame, out_png, cache_root)
     else:
         raise ConfigError(f"unknown figure {figure!r}")
+
+
+def _trajectory_pretraining_logs(config: dict, frame: pd.DataFrame) -> dict[str, Path]:
+    """``metrics.csv`` of every pretraining run of the grid with a trajectory objective, by variant."""
+    variants = config["pretrain"]["variants"]
+    runs = {(r.dataset, r.trained_fusion, r.pretrain) for r in map(_run_of, (row for _, row in frame.iterrows()))
+            if variants[r.pretrain]["type"] in TRAJECTORY_TYPES}
+    if not runs:
+        raise ConfigError("figure trajectory_pretraining: the experiment grid has no trajectory pretraining")
+    return {f"{pretrain} ({pretraining_sources(config, pretrain)})" if fusion == "attfuse" else f"{fusion}/{pretrain}":
+            Path(pretrain_path(dataset, fusion, pretrain)).parent / "metrics.csv"
+            for dataset, fusion, pretrain in sorted(runs)}
 
 
 def _qualitative(config: dict, frame: pd.DataFrame, out_png: str, cache_root: str) -> None:
