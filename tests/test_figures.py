@@ -58,7 +58,7 @@ def assert_png(path: Path) -> None:
 def assert_labelled(fig: Figure, panels: int) -> None:
     assert len(fig.axes) == panels
     assert unlabelled_axes(fig) == []
-    legend = fig.axes[0].get_legend()
+    legend = fig.axes[0].get_legend() or (fig.legends[0] if fig.legends else None)  # in a panel or beside them
     assert legend is not None and legend.get_texts()
 
 

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from turbotrain.data.sample import Batch
-from turbotrain.experiments import LIDAR_TYPES, TRAJECTORY_TYPES  # noqa: F401 (re-exported for the stages)
 from turbotrain.grid import Grid
 from turbotrain.pretrain.chamfer import chamfer_loss
 from turbotrain.pretrain.masking import MaskPlan, conceal_masked_voxels, plan_masking

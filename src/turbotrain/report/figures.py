@@ -74,6 +74,7 @@ def learning_curves(logs: Mapping[str, LogSource], path: str | os.PathLike, smoo
             ax.set(title=f"{task.capitalize()} loss", xlabel="Training step", ylabel=f"{task} loss")
             if (frame[column].dropna() > 0).all() and _spans_decades(frame[column]):
                 ax.set_yscale("log")
+        _legend_beside(fig, axes)
         fig.suptitle("Learning curves", fontweight="bold")
     save_figure(fig, path)
     return fig
@@ -155,7 +156,7 @@ def ap_vs_time(frame: pd.DataFrame, path: str | os.PathLike, metrics: Sequence[s
             ax.yaxis.set_major_formatter(_percent())
             label = _METRIC_LABELS.get(metric, metric)
             ax.set(title=f"{label} vs training time", xlabel="Training wall time (h)", ylabel=f"Validation {label}")
-        _single_legend(axes)
+        _legend_beside(fig, axes)
         fig.suptitle("Accuracy reached per hour of training", fontweight="bold")
     save_figure(fig, path)
     return fig
@@ -200,6 +201,18 @@ def _percent() -> FuncFormatter:
     # "42.5%" rather than PercentFormatter's fixed decimals, which would print 42.5 % as "43%".
     # A new formatter per axis: matplotlib binds a formatter to the axis it is set on.
     return FuncFormatter(lambda value, _: f"{100 * value:.4g}%")
+
+
+def _legend_beside(fig: Figure, axes: list) -> None:
+    """One legend to the right of the panels: with a dozen runs a legend inside a panel hides the curves."""
+    legend = axes[0].get_legend()
+    if legend is None:
+        return
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.legend(handles, labels, title=legend.get_title().get_text(), loc="outside right center")
 
 
 def _single_legend(axes: list) -> None:

@@ -12,9 +12,8 @@ import torch
 
 from turbotrain.data.dataset import FusedDataset, UnionDataset
 from turbotrain.data.sample import collate
-from turbotrain.experiments import FUSION_MODES, pretrain_settings
-from turbotrain.pretrain.objective import (LIDAR_TYPES, TRAJECTORY_TYPES, VARIANT_INPUT, CombinedPretraining,
-                                          MaskedReconstruction)
+from turbotrain.experiments import FUSION_MODES, LIDAR_TYPES, TRAJECTORY_TYPES, pretrain_settings
+from turbotrain.pretrain.objective import VARIANT_INPUT, CombinedPretraining, MaskedReconstruction
 from turbotrain.pretrain.trajectory import TrajectorySSL
 from turbotrain.pretrain.transfer import save_pretrained
 from turbotrain.stages.common import (build_model, cache_fingerprint, claim_run_dir, dataset, grid_of, is_main_process,
