@@ -79,7 +79,7 @@ def joint_model_problem(device: torch.device):
     """The real tiny CooperativePnP on a two-sample toy batch (as in tests/test_joint_model.py)."""
     from turbotrain.grid import Grid
     from turbotrain.models.joint import CooperativePnP
-    from turbotrain.models.toy_batch import ToySceneConfig, toy_batch
+    from turbotrain.testing import ToySceneConfig, toy_batch
 
     grid = Grid((-12.8, -12.8, -3.0, 12.8, 12.8, 1.0), (0.4, 0.4, 0.5), 2)
     scenes = (ToySceneConfig(history=2, future=4), ToySceneConfig(history=2, future=4, ego_is_infrastructure=True))

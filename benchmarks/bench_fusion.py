@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from turbotrain.data import opencood
-from turbotrain.data.fusion import build_cache
+from turbotrain.data.cache.builder import build_cache
 from turbotrain.data.voxelize import Voxelizer, spconv_available
 from turbotrain.grid import Grid
 from turbotrain.utils.atomic import write_json

@@ -1,7 +1,7 @@
 """Training-step cost of the joint CooperativePnP model.
 
 One step = forward + both task losses + backward + Adam step on a toy cooperative batch
-(:mod:`turbotrain.models.toy_batch`: 2 agents, 2 history steps). Reported per configuration: median
+(:mod:`turbotrain.testing`: 2 agents, 2 history steps). Reported per configuration: median
 step time, samples/s, and peak memory (CUDA: ``max_memory_allocated``; CPU: each configuration runs in
 a fresh process and reports its peak RSS minus its RSS once model and batch are built, i.e. what the
 training steps add, allocator caching included).
@@ -30,7 +30,7 @@ from bench_cli import parse_device_args
 
 from turbotrain.grid import Grid
 from turbotrain.models.joint import CooperativePnP
-from turbotrain.models.toy_batch import ToySceneConfig, toy_batch
+from turbotrain.testing import ToySceneConfig, toy_batch
 from turbotrain.utils.atomic import write_json, write_text
 from turbotrain.utils.seed import seed_everything
 

@@ -1,6 +1,6 @@
 """Cost of a masked-reconstruction pretraining step relative to a fine-tuning step of the same model.
 
-Both steps run on the same toy cooperative batch (:mod:`turbotrain.models.toy_batch`: 2 agents,
+Both steps run on the same toy cooperative batch (:mod:`turbotrain.testing`: 2 agents,
 2 history steps) with the same tiny CooperativePnP (SECOND, ResNet-FPN, AttFuse, attention):
 
 * pretrain: :class:`MaskedReconstruction` forward (mask plan, concealment, encode, decode, Chamfer)
@@ -26,7 +26,7 @@ from bench_cli import parse_device_args
 
 from turbotrain.grid import Grid
 from turbotrain.models.joint import CooperativePnP
-from turbotrain.models.toy_batch import ToySceneConfig, toy_batch
+from turbotrain.testing import ToySceneConfig, toy_batch
 from turbotrain.pretrain.objective import MaskedReconstruction
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.seed import seed_everything

@@ -65,8 +65,8 @@ def merged(*files):
 
 def test_paper_grid_trains_in_epochs_not_the_cpu_step_budget():
     from turbotrain.experiments import Run
-    from turbotrain.stages.common import train_config
-    from turbotrain.stages.finetune import recipe_stages
+    from turbotrain.build import train_config
+    from turbotrain.train.recipes import recipe_stages
 
     cfg = merged("config/paper.yaml")
     assert cfg["pretrain"]["train"]["max_steps"] is None and cfg["finetune"]["joint"]["max_steps"] is None
@@ -179,7 +179,7 @@ def test_smoke_and_paper_configs_merge_their_extra_datasets():
 def test_each_dataset_hashes_only_what_its_own_data_depends_on():
     """The `depends` params of the data jobs (workflow/rules/common.smk): no dataset's jobs rerun for
     another dataset's change; the primary's hashes are those of the single-dataset pipeline."""
-    from turbotrain.config import config_hash
+    from turbotrain.utils.hashing import config_hash
     from turbotrain.stages.data import cache_data_hash, download_data_hash, raw_data_hash, with_dataset
 
     def hashes(cfg, name):

@@ -6,7 +6,8 @@ from turbotrain.config import load_config
 from turbotrain.data.synth import generate_dataset
 from turbotrain.experiments import Run
 from turbotrain.stages.data import fuse
-from turbotrain.stages.finetune import finetune, recipe_stages
+from turbotrain.stages.finetune import finetune
+from turbotrain.train.recipes import recipe_stages
 
 STAGES = [
     {"name": "detection", "tasks": ["detection"], "agents": "ego", "max_steps": 2},

@@ -5,7 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from turbotrain.data import fusion, opencood
+from turbotrain.data import opencood
+from turbotrain.data.cache import builder as fusion
+from turbotrain.data.cache.format import cache_config_digest
+from turbotrain.utils.hashing import sha256_file
 from turbotrain.data.records import AgentFrameRecord, ObjectRecord
 from turbotrain.geometry import pose_to_matrix, transform_points
 from turbotrain.grid import Grid
@@ -209,8 +212,8 @@ def test_manifest_counts_and_checksums(cache):
     assert counts["voxels"] > 0 and counts["points"] >= counts["voxels"]
     assert set(manifest["files"]) == {"samples-00000.npz", "frames-scene_a.npz"}
     for name, digest in manifest["files"].items():
-        assert fusion.sha256_file(out / "train" / name) == digest
-    assert manifest["config_hash"] == fusion.config_hash(manifest["config"]) == summary["config_hash"]
+        assert sha256_file(out / "train" / name) == digest
+    assert manifest["config_hash"] == cache_config_digest(manifest["config"]) == summary["config_hash"]
 
 
 def test_label_fraction_subsets_nested_and_deterministic():

@@ -1,6 +1,6 @@
 import numpy as np
 
-from turbotrain.data.fusion import LabelMaker
+from turbotrain.data.cache.labels import LabelMaker
 from turbotrain.data.records import ObjectRecord
 from turbotrain.grid import Grid
 

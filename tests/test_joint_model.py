@@ -10,7 +10,7 @@ import torch
 from turbotrain.data.sample import collate
 from turbotrain.grid import Grid
 from turbotrain.models.joint import CooperativePnP
-from turbotrain.models.toy_batch import ToySceneConfig, toy_batch, toy_samples
+from turbotrain.testing import ToySceneConfig, toy_batch, toy_samples
 from turbotrain.utils.seed import seed_everything
 
 CLASSES = ["car", "pedestrian", "truck"]

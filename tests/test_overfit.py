@@ -7,7 +7,7 @@ from torch.optim.swa_utils import update_bn
 
 from turbotrain.grid import Grid
 from turbotrain.models.joint import CooperativePnP
-from turbotrain.models.toy_batch import ToySceneConfig, toy_batch
+from turbotrain.testing import ToySceneConfig, toy_batch
 from turbotrain.ops.rotated_iou import rotated_iou_bev
 from turbotrain.utils.seed import seed_everything
 

@@ -16,7 +16,7 @@ from turbotrain.data.sample import Batch
 from turbotrain.data.synth import generate_dataset
 from turbotrain.grid import Grid
 from turbotrain.models.joint import CooperativePnP
-from turbotrain.models.toy_batch import ToySceneConfig, toy_batch
+from turbotrain.testing import ToySceneConfig, toy_batch
 from turbotrain.pretrain.objective import VARIANT_INPUT, MaskedReconstruction
 from turbotrain.stages.data import fuse
 from turbotrain.stages.pretrain import pretrain

@@ -6,7 +6,7 @@ import torch
 
 from turbotrain.grid import Grid
 from turbotrain.models.joint import PART_GROUPS, CooperativePnP
-from turbotrain.models.toy_batch import ToySceneConfig, toy_batch
+from turbotrain.testing import ToySceneConfig, toy_batch
 from turbotrain.pretrain.objective import VARIANT_INPUT, MaskedReconstruction
 from turbotrain.pretrain.transfer import TransferError, load_pretrained, save_pretrained
 from turbotrain.utils.seed import seed_everything

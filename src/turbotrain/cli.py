@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from turbotrain.config import load_config
 from turbotrain.utils.errors import ConfigError, DataError

@@ -6,8 +6,6 @@ validated dict and never invents its own defaults.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import jsonschema
 import yaml
 
 from turbotrain.utils.errors import ConfigError
+from turbotrain.utils.hashing import config_hash  # noqa: F401  (re-exported for the Snakefile)
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "config.schema.yaml"
 
@@ -146,9 +145,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
         key, raw = item.split("=", 1)
         set_by_path(config, key, yaml.safe_load(raw))
     return validate_config(config, str(path))
-
-
-def config_hash(section: Any) -> str:
-    """Stable short hash of a config section (what a cached product depends on)."""
-    blob = json.dumps(section, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from turbotrain.config import check_config, config_hash
+from turbotrain.config import check_config
+from turbotrain.utils.hashing import config_hash
 from turbotrain.experiments import LIDAR_TYPES, TRAJECTORY_TYPES, Run, expand_runs, pretrain_path, pretrain_settings, variant_datasets
 from turbotrain.stages.data import (cache_data_hash, dataset_names, download_data_hash, raw_data_hash, raw_root,
                                     with_dataset)

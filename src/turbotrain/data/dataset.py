@@ -1,4 +1,4 @@
-"""The training Dataset over a fusion cache (see :mod:`turbotrain.data.fusion`) and its DataLoader.
+"""The training Dataset over a fusion cache (see :mod:`turbotrain.data.cache`) and its DataLoader.
 
 Fusion modes decide which agent-frames a :class:`~turbotrain.data.sample.Sample` holds:
 
@@ -12,9 +12,6 @@ Fusion modes decide which agent-frames a :class:`~turbotrain.data.sample.Sample`
 from __future__ import annotations
 
 import bisect
-import json
-import struct
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from turbotrain.data.fusion import CACHE_FORMAT_VERSION, MANIFEST_NAME, config_hash, fraction_key, sha256_file
+from turbotrain.data.cache.format import MANIFEST_NAME, MappedNpz, fraction_key, load_manifest, verify_cache_files
 from turbotrain.data.records import INFRASTRUCTURE, VEHICLE
 from turbotrain.data.sample import AgentFrame, Sample, collate
 from turbotrain.data.voxelize import Voxelizer
@@ -33,84 +30,6 @@ from turbotrain.grid import Grid
 from turbotrain.utils.errors import ConfigError, DataError
 
 FusionMode = Literal["intermediate", "early", "none", "tracks"]
-_MANIFEST_KEYS = ("format_version", "config", "config_hash", "sample_ids", "shards", "frame_stores", "files", "label_fractions")
-
-
-class MappedNpz:
-    """Arrays of an uncompressed ``.npz`` memory-mapped on first access (``np.load`` cannot map npz members)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(self.path, "file", "a cache file listed in the manifest", "(missing)")
-        try:
-            with zipfile.ZipFile(self.path) as archive:
-                self._members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-        except zipfile.BadZipFile as err:
-            raise DataError(self.path, "file", "an .npz archive", str(err)) from err
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._arrays:
-            if name not in self._members:
-                raise DataError(self.path, name, "an array of that name", "(missing)")
-            self._arrays[name] = self._map(self._members[name])
-        return self._arrays[name]
-
-    def __getstate__(self) -> dict:
-        # Maps are reopened in each worker; pickling them would copy the whole file.
-        return {**self.__dict__, "_arrays": {}}
-
-    def _map(self, info: zipfile.ZipInfo) -> np.ndarray:
-        if info.compress_type != zipfile.ZIP_STORED:
-            with np.load(self.path, allow_pickle=False) as archive:
-                return archive[info.filename.removesuffix(".npy")]
-        with open(self.path, "rb") as fh:
-            fh.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<HH", fh.read(30)[26:30])
-            fh.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(fh)
-            offset = fh.tell()
-        if dtype.hasobject:
-            raise DataError(self.path, info.filename, "a plain (non-object) array", str(dtype))
-        if int(np.prod(shape)) == 0:
-            return np.zeros(shape, dtype)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
-
-def load_manifest(split_dir: str | Path, expected_config_hash: str | None = None) -> dict:
-    """The validated manifest of a cache split; :class:`DataError` naming the file otherwise."""
-    path = Path(split_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise DataError(path, "manifest", "a manifest written by `turbotrain fuse` (without one the cache is incomplete)", "(missing)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(path, "manifest", "valid JSON", str(err)) from err
-    missing = [k for k in _MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise DataError(path, missing[0], "present in the manifest", "(missing)")
-    if manifest["format_version"] != CACHE_FORMAT_VERSION:
-        raise DataError(path, "format_version", f"{CACHE_FORMAT_VERSION} (rebuild the cache)", manifest["format_version"])
-    recomputed = config_hash(manifest["config"])
-    if manifest["config_hash"] != recomputed:
-        raise DataError(path, "config_hash", f"{recomputed}, the hash of the stored config (the manifest was edited)", manifest["config_hash"])
-    if expected_config_hash is not None and manifest["config_hash"] != expected_config_hash:
-        raise DataError(path, "config_hash", f"{expected_config_hash} (the cache was built with another config)", manifest["config_hash"])
-    return manifest
-
-
-def verify_cache_files(split_dir: str | Path, manifest: dict) -> None:
-    """Compare every cache file's sha256 with the manifest's."""
-    for name, expected in sorted(manifest["files"].items()):
-        path = Path(split_dir) / name
-        if not path.is_file():
-            raise DataError(path, "file", "a cache file listed in the manifest", "(missing)")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise DataError(path, "sha256", expected, actual)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ codes, and it keeps the data stages free of a ``requests`` dependency.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.errors import ConfigError, DataError
+from turbotrain.utils.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +117,6 @@ def download_all(
                      merge=bool(entry.get("merge", merge)))
         )
     return outputs
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- sources
@@ -263,7 +254,7 @@ def _transfer(source: str, partial: Path, progress: bool, label: str) -> None:
 
 def _verify(path: Path, sha256: str | None, source: str, delete_on_mismatch: bool = False) -> str:
     """Hex sha256 of ``path``; raises DataError (deleting ``path`` if asked) when it is not ``sha256``."""
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if sha256 and digest != sha256.lower():
         if delete_on_mismatch:
             path.unlink(missing_ok=True)

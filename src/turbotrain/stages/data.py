@@ -11,7 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from turbotrain.config import config_hash
+from turbotrain.utils.hashing import config_hash
 from turbotrain.grid import Grid
 from turbotrain.utils.errors import ConfigError
 
@@ -121,7 +121,7 @@ def cache_grid(config: dict) -> Grid:
 
 
 def fuse(config: dict, raw: str | Path, split: str, out_dir: str | Path) -> dict:
-    from turbotrain.data.fusion import build_cache
+    from turbotrain.data.cache.builder import build_cache
 
     c, g = config["cache"], config["grid"]
     return build_cache(

@@ -112,8 +112,8 @@ def _trajectory_pretraining_logs(config: dict, frame: pd.DataFrame) -> dict[str,
 
 def _qualitative(config: dict, frame: pd.DataFrame, out_png: str, cache_root: str) -> None:
     """Predicted boxes and trajectories of the best run (by mAP@0.5) over one test sample."""
-    from turbotrain.stages.evaluate import Predictor, device_of, evaluation_dataset
-    from turbotrain.stages.common import build_model, grid_of
+    from turbotrain.build import build_model, device_of, evaluation_dataset, grid_of
+    from turbotrain.evaluate.inference import Predictor
     from turbotrain.train.checkpoint import load_checkpoint
     from turbotrain.viz.bev import plot_sample_bev
 

@@ -156,3 +156,8 @@ def barrier(ctx: DistContext) -> None:
     """Wait for every rank (no-op in a single process)."""
     if ctx.is_distributed:
         dist.barrier()
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process): the one that writes run outputs."""
+    return launch_env()[0] == 0

@@ -191,7 +191,7 @@ def render_masking_example(config: dict, cache_root: str | Path, variant_name: s
     not in ``pretrained.pt``. ``None`` draws an untrained model, which shows the masking only.
     """
     from turbotrain.pretrain.objective import MaskedReconstruction
-    from turbotrain.stages.pretrain import build_objective  # the stage imports the engine: keep plotting light
+    from turbotrain.pretrain.setup import build_objective  # imports the model: keep plotting light
     from turbotrain.train.checkpoint import load_checkpoint
 
     setup = build_objective(config, variant_name, fusion, [str(cache_root)], split=split)

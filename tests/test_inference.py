@@ -4,7 +4,7 @@ import numpy as np
 from turbotrain.data.sample import AgentFrame, Sample
 from turbotrain.geometry import pose_to_matrix
 from turbotrain.grid import Grid
-from turbotrain.stages.evaluate import classwise_nms, late_fusion, single_agent_view
+from turbotrain.evaluate.inference import classwise_nms, late_fusion, single_agent_view
 
 GRID = Grid((-20, -10, -3, 20, 10, 3), (0.4, 0.4, 0.5), 2)
 EVALUATION = {"nms_iou": 0.15, "max_detections": 10, "score_threshold": 0.2}

@@ -1,101 +1,32 @@
-"""``turbotrain fuse``: build the fusion cache that :class:`~turbotrain.data.dataset.FusedDataset` reads.
+"""``turbotrain fuse``: build the fusion cache (format in :mod:`.format`) of one split.
 
 A *sample* is an ego agent at a timestamp ``t`` with ``history`` steps ``t-H+1 .. t`` and ``future``
 steps after ``t``, the ego present at all of them. Its cooperators are the agents whose sensor lies
 within ``comm_range`` of the ego's at ``t`` (the ``max_agents`` closest, ego first).
-
-Layout of ``<out_dir>/<split>/``:
-
-* ``frames-<scenario>.npz`` - every (agent, timestamp) LiDAR frame that some sample uses, voxelised
-  once in the agent's own sensor frame (cropped with the grid range there), stored compactly as the
-  voxels' points concatenated plus offsets: ``agent_ids (K,)``, ``timestamps (K,)``,
-  ``lidar_poses (K, 6)``, ``voxel_offsets (K+1,)``, ``point_offsets (K+1,)``, ``coords (V, 3)``,
-  ``num_points (V,)``, ``points (N, 4)``; voxels are in canonical (linear index) order.
-* ``samples-<k>.npz`` - up to ``shard_size`` samples: ids, the agent-frames as references into the
-  frame stores with their ``pose_to_ego``, and ego-frame labels; ragged arrays as data + offsets.
-* ``manifest.json`` - written last: sample ids, counts, per-file sha256, the config and its hash,
-  and nested label-fraction subsets. No manifest means no complete cache.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from turbotrain.data.records import INFRASTRUCTURE, VEHICLE, AgentFrameRecord, ObjectRecord, ScenarioIndex
+from turbotrain.data.cache.format import (AGENT_TYPE_NAMES, CACHE_FORMAT_VERSION, MANIFEST_NAME, CacheConfig,
+                                          cache_config_digest, fraction_key, shard_arrays, concat_or_empty, ragged_offsets)
+from turbotrain.data.cache.labels import LabelMaker, Labels, object_union
+from turbotrain.data.records import INFRASTRUCTURE, VEHICLE, AgentFrameRecord, ScenarioIndex
 from turbotrain.data.voxelize import Voxelizer, sort_voxels
-from turbotrain.geometry import points_in_boxes, pose_to_matrix, relative_transform, transform_boxes, transform_xy_yaw
+from turbotrain.geometry import relative_transform
 from turbotrain.grid import Grid
 from turbotrain.utils.atomic import write_json, write_npz
-
-CACHE_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-AGENT_TYPE_NAMES = {"vehicle": VEHICLE, "infrastructure": INFRASTRUCTURE}
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    """Everything that decides the cache's content; its hash identifies a cache."""
-
-    history: int
-    future: int
-    grid: Grid
-    classes: tuple[str, ...]
-    comm_range: float = 70.0
-    class_map: dict[str, str] = field(default_factory=dict)
-    max_agents: int = 5
-    max_points_per_voxel: int = 32
-    max_voxels: int = 40000
-    sample_stride: int = 1
-    ego_types: tuple[str, ...] = ("vehicle",)
-    on_bad_frame: str = "error"
-    label_fractions: tuple[float, ...] = (0.2, 0.5, 1.0)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.history < 1 or self.future < 0:
-            raise ValueError(f"need history >= 1 and future >= 0, got {self.history}, {self.future}")
-        if self.max_agents < 1 or self.sample_stride < 1:
-            raise ValueError(f"max_agents and sample_stride must be >= 1, got {self.max_agents}, {self.sample_stride}")
-        unknown = set(self.ego_types) - set(AGENT_TYPE_NAMES)
-        if unknown or not self.ego_types:
-            raise ValueError(f"ego_types must be a non-empty subset of {sorted(AGENT_TYPE_NAMES)}, got {self.ego_types}")
-        if any(not 0 < f <= 1 for f in self.label_fractions):
-            raise ValueError(f"label fractions must lie in (0, 1], got {self.label_fractions}")
-
-    def to_json(self) -> dict:
-        """JSON-ready form, stored in the manifest (sorted containers, so equal configs hash equally)."""
-        cfg = asdict(self)
-        cfg["grid"] = {
-            "point_cloud_range": list(self.grid.point_cloud_range),
-            "voxel_size": list(self.grid.voxel_size),
-            "bev_stride": self.grid.bev_stride,
-        }
-        cfg["classes"] = list(self.classes)
-        cfg["class_map"] = dict(sorted(self.class_map.items()))
-        cfg["ego_types"] = sorted(self.ego_types)
-        cfg["label_fractions"] = sorted(float(f) for f in self.label_fractions)
-        cfg["format_version"] = CACHE_FORMAT_VERSION
-        return cfg
-
-
-def config_hash(config_json: dict) -> str:
-    """sha256 of the canonical JSON of a :meth:`FusionConfig.to_json` dict."""
-    return hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
-
-
-def fraction_key(fraction: float) -> str:
-    """Manifest key of a label fraction: ``0.2 -> "0.2"``, ``1 -> "1.0"``."""
-    return str(float(fraction))
+from turbotrain.utils.hashing import sha256_file
 
 
 def build_cache(
@@ -128,7 +59,7 @@ def build_cache(
     """
     from turbotrain.data import opencood  # imported here: the reader is the only heavy dependency
 
-    config = FusionConfig(
+    config = CacheConfig(
         history=history, future=future, grid=grid, classes=tuple(classes), comm_range=float(comm_range),
         class_map=dict(class_map or {}), max_agents=max_agents, max_points_per_voxel=max_points_per_voxel,
         max_voxels=max_voxels, sample_stride=sample_stride, ego_types=tuple(ego_types),
@@ -204,96 +135,6 @@ def select_cooperators(poses: dict[int, np.ndarray], ego_id: int, comm_range: fl
     return [ego_id] + [a for _, a in in_range[: max_agents - 1]]
 
 
-def object_union(records: Iterable[AgentFrameRecord | None]) -> dict[int, ObjectRecord]:
-    """Objects of several agents' frames by track id; the first agent that lists a track wins."""
-    union: dict[int, ObjectRecord] = {}
-    for record in records:
-        for obj in record.objects if record is not None else ():
-            union.setdefault(int(obj.track_id), obj)
-    return union
-
-
-# --------------------------------------------------------------------------------------------------
-# Labels
-
-
-@dataclass
-class Labels:
-    """Ego-frame ground truth of one sample."""
-
-    boxes: np.ndarray  # (M, 7) float32
-    classes: np.ndarray  # (M,) int64
-    track_ids: np.ndarray  # (M,) int64
-    history: np.ndarray  # (M, H, 3) float32
-    history_valid: np.ndarray  # (M, H) bool
-    future: np.ndarray  # (M, F, 3) float32
-    future_valid: np.ndarray  # (M, F) bool
-
-
-class LabelMaker:
-    """Turns map-frame object lists into :class:`Labels` in the ego frame at ``t``."""
-
-    def __init__(self, grid: Grid, classes: Sequence[str], class_map: dict[str, str] | None = None):
-        self.grid = grid
-        self.class_index = {name: i for i, name in enumerate(classes)}
-        self.class_map = dict(class_map or {})
-        self.unknown_types: Counter[str] = Counter()
-
-    def make(self, ego_pose: np.ndarray, current: dict[int, ObjectRecord], past: list[dict[int, ObjectRecord]],
-             coming: list[dict[int, ObjectRecord]]) -> Labels:
-        """``current``: union at t; ``past``: unions at t-H+1 .. t; ``coming``: unions at t+1 .. t+F."""
-        map_to_ego = np.linalg.inv(pose_to_matrix(ego_pose))
-        kept = self._kept_objects(current, map_to_ego)
-        track_ids = np.array([tid for tid, _, _ in kept], np.int64)
-        history, history_valid = _track_states(track_ids, past, map_to_ego)
-        future, future_valid = _track_states(track_ids, coming, map_to_ego)
-        return Labels(
-            boxes=np.array([box for _, box, _ in kept], np.float32).reshape(-1, 7),
-            classes=np.array([cls for _, _, cls in kept], np.int64),
-            track_ids=track_ids, history=history, history_valid=history_valid,
-            future=future, future_valid=future_valid,
-        )
-
-    def _kept_objects(self, objects: dict[int, ObjectRecord], map_to_ego: np.ndarray) -> list[tuple[int, np.ndarray, int]]:
-        kept = []
-        x_min, y_min, _, x_max, y_max, _ = self.grid.point_cloud_range
-        for track_id in sorted(objects):
-            obj = objects[track_id]
-            cls = self.class_index.get(self.class_map.get(obj.obj_type, obj.obj_type))
-            if cls is None:
-                self.unknown_types[obj.obj_type] += 1
-                continue
-            box = transform_boxes(obj.box, map_to_ego)[0]
-            if _holds_ego_sensor(box):
-                continue
-            if x_min <= box[0] < x_max and y_min <= box[1] < y_max:
-                kept.append((track_id, box, cls))
-        return kept
-
-
-def _holds_ego_sensor(box: np.ndarray) -> bool:
-    """The ego vehicle itself, annotated by a cooperator: not an object the ego has to detect.
-
-    OpenCOOD drops it by id; ids are not comparable across agents in every dataset, so we drop the
-    box whose footprint holds the ego's sensor (the ego-frame origin).
-    """
-    return bool(points_in_boxes(np.array([[0.0, 0.0, box[2]]]), box[None])[0, 0])
-
-
-def _track_states(track_ids: np.ndarray, steps: list[dict[int, ObjectRecord]], map_to_ego: np.ndarray):
-    """(M, S, 3) x, y, yaw per step in the ego frame and (M, S) validity (absent -> zeros, invalid)."""
-    states = np.zeros((len(track_ids), len(steps), 3), np.float64)
-    valid = np.zeros((len(track_ids), len(steps)), bool)
-    for s, objects in enumerate(steps):
-        for m, track_id in enumerate(track_ids):
-            obj = objects.get(int(track_id))
-            if obj is not None:
-                states[m, s] = np.asarray(obj.box)[[0, 1, 6]]
-                valid[m, s] = True
-    if valid.any():
-        states[valid] = transform_xy_yaw(states[valid], map_to_ego)
-    return states.astype(np.float32), valid
-
 
 # --------------------------------------------------------------------------------------------------
 # Writing
@@ -339,11 +180,11 @@ class FrameStore:
             "agent_ids": np.array(self._agent_ids, np.int64),
             "timestamps": np.array(self._timestamps, dtype=np.str_),
             "lidar_poses": np.array(self._poses, np.float64).reshape(-1, 6),
-            "voxel_offsets": _offsets(len(c) for c in self._coords),
-            "point_offsets": _offsets(len(p) for p in self._points),
-            "coords": _concat(self._coords, (0, 3), np.int32),
-            "num_points": _concat(self._num_points, (0,), np.int32),
-            "points": _concat(self._points, (0, 4), np.float32),
+            "voxel_offsets": ragged_offsets(len(c) for c in self._coords),
+            "point_offsets": ragged_offsets(len(p) for p in self._points),
+            "coords": concat_or_empty(self._coords, (0, 3), np.int32),
+            "num_points": concat_or_empty(self._num_points, (0,), np.int32),
+            "points": concat_or_empty(self._points, (0, 4), np.float32),
         }
 
 
@@ -359,29 +200,6 @@ class SampleRecord:
     frame_poses_to_ego: list[np.ndarray]  # (4, 4) each
     labels: Labels
 
-
-def shard_arrays(samples: list[SampleRecord]) -> dict[str, np.ndarray]:
-    """Per-sample metadata of one shard as flat arrays plus offsets (no pickle)."""
-    lab = [s.labels for s in samples]
-    return {
-        "sample_ids": np.array([s.sample_id for s in samples], dtype=np.str_),
-        "scenarios": np.array([s.scenario for s in samples], dtype=np.str_),
-        "ego_ids": np.array([s.ego_id for s in samples], np.int64),
-        "ego_poses": np.array([s.ego_pose for s in samples], np.float64).reshape(-1, 6),
-        "frame_offsets": _offsets(len(s.frame_slots) for s in samples),
-        "frame_slots": np.array([x for s in samples for x in s.frame_slots], np.int64),
-        "frame_steps": np.array([x for s in samples for x in s.frame_steps], np.int64),
-        "frame_agent_ids": np.array([x for s in samples for x in s.frame_agent_ids], np.int64),
-        "frame_poses_to_ego": np.array([x for s in samples for x in s.frame_poses_to_ego], np.float64).reshape(-1, 4, 4),
-        "box_offsets": _offsets(len(x.boxes) for x in lab),
-        "boxes": _concat([x.boxes for x in lab], (0, 7), np.float32),
-        "classes": _concat([x.classes for x in lab], (0,), np.int64),
-        "track_ids": _concat([x.track_ids for x in lab], (0,), np.int64),
-        "history": _concat([x.history for x in lab], (0,) + lab[0].history.shape[1:], np.float32),
-        "history_valid": _concat([x.history_valid for x in lab], (0,) + lab[0].history_valid.shape[1:], bool),
-        "future": _concat([x.future for x in lab], (0,) + lab[0].future.shape[1:], np.float32),
-        "future_valid": _concat([x.future_valid for x in lab], (0,) + lab[0].future_valid.shape[1:], bool),
-    }
 
 
 def label_fraction_subsets(sample_ids: Sequence[str], fractions: Iterable[float], seed: int) -> dict[str, list[str]]:
@@ -402,7 +220,7 @@ def label_fraction_subsets(sample_ids: Sequence[str], fractions: Iterable[float]
 class _CacheBuilder:
     """Accumulates samples scenario by scenario and writes frame stores, shards and the manifest."""
 
-    def __init__(self, config: FusionConfig, split: str, split_dir: Path, voxelizer: Voxelizer, shard_size: int):
+    def __init__(self, config: CacheConfig, split: str, split_dir: Path, voxelizer: Voxelizer, shard_size: int):
         self.config = config
         self.split = split
         self.split_dir = split_dir
@@ -523,7 +341,7 @@ class _CacheBuilder:
             "format_version": CACHE_FORMAT_VERSION,
             "split": self.split,
             "config": config_json,
-            "config_hash": config_hash(config_json),
+            "config_hash": cache_config_digest(config_json),
             "sample_ids": self.sample_ids,
             "shards": self.shards,
             "frame_stores": self.frame_stores,
@@ -547,14 +365,6 @@ class _CacheBuilder:
         }
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _remove_stale_files(split_dir: Path, keep: set[str]) -> None:
     """Drop cache files of an earlier run that this run did not write (they would not be in the manifest)."""
     for path in split_dir.glob("*.npz"):
@@ -565,10 +375,3 @@ def _remove_stale_files(split_dir: Path, keep: set[str]) -> None:
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
-
-def _offsets(lengths: Iterable[int]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(list(lengths), dtype=np.int64)]).astype(np.int64)
-
-
-def _concat(parts: list[np.ndarray], empty_shape: tuple, dtype) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty_shape, dtype)

@@ -1,0 +1,79 @@
+"""Config sections -> the objects the stages run: the grid, the joint model, fused datasets, engine
+settings and the device. Every stage builds through here, so one config value means one thing."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from turbotrain.data.cache.format import load_manifest
+from turbotrain.data.dataset import FusedDataset
+from turbotrain.experiments import FUSION_MODES
+from turbotrain.grid import Grid
+from turbotrain.train.engine import TrainConfig
+
+
+def grid_of(config: dict) -> Grid:
+    return Grid.from_config(config["grid"])
+
+
+def device_of(config: dict) -> torch.device:
+    """``device: auto`` is CUDA when one is visible, else the CPU."""
+    wanted = config["device"]
+    return torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def build_model(config: dict, fusion: str, history: int | None = None):
+    """The joint model with the fuser the ``fusion`` wildcard names (late fusion = the ego model)."""
+    from turbotrain.models.joint import CooperativePnP
+
+    model_cfg = copy.deepcopy(config["model"])
+    model_cfg["fusion"] = {"name": FUSION_MODES[fusion][1]}
+    cache = config["cache"]
+    return CooperativePnP(model_cfg, grid_of(config), config["classes"],
+                          history=history or cache["history"], future=cache["future"])
+
+
+def fused_dataset(config: dict, cache_root: str, split: str, fusion_mode: str, label_fraction: float = 1.0,
+                  history: int | None = None) -> FusedDataset:
+    return FusedDataset(cache_root, split, fusion_mode=fusion_mode, label_fraction=label_fraction,
+                        history=history, grid=grid_of(config), voxel_backend="auto")
+
+
+def evaluation_dataset(config: dict, cache_root: str, fusion: str, split: str | None = None) -> FusedDataset:
+    """The split a run is scored on, read as its fusion method needs (late fusion: every agent's frames)."""
+    mode = "intermediate" if fusion == "late" else FUSION_MODES[fusion][0]
+    return fused_dataset(config, cache_root, split or config["evaluation"]["split"], mode)
+
+
+def cache_fingerprint(cache_root: str, split: str = "train") -> str:
+    """What a cache split was built from (its manifest's config digest)."""
+    return load_manifest(Path(cache_root) / split)["config_hash"]
+
+
+def train_config(section: dict, dataset_size: int, seed: int, device: str, epochs: float | None = None,
+                 **extra) -> TrainConfig:
+    """Engine settings from a validated ``train`` section; fractional epochs become a step count."""
+    epochs = section["epochs"] if epochs is None else epochs
+    steps_per_epoch = max(dataset_size // (section["batch_size"] * section["grad_accum_steps"]), 1)
+    max_steps = section["max_steps"] or max(math.ceil(epochs * steps_per_epoch), 1)
+    return TrainConfig(
+        max_steps=max_steps,
+        batch_size=min(section["batch_size"], dataset_size),
+        grad_accum_steps=section["grad_accum_steps"],
+        lr=section["lr"],
+        min_lr=section["lr"] * section["min_lr_ratio"],
+        weight_decay=section["weight_decay"],
+        warmup_steps=min(section["warmup_steps"], max_steps),
+        grad_clip=section["grad_clip"],
+        amp={"off": "none"}.get(section["amp"], section["amp"]),
+        seed=seed,
+        checkpoint_every=section["checkpoint_every"],
+        log_every=section["log_every"],
+        diagnostics_every=section["diagnostics_every"],
+        num_workers=section["num_workers"],
+        device=device,
+        **extra,
+    )
