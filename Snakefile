@@ -2,6 +2,9 @@
 #   snakemake -c2 all                           # embedded synthetic default, CPU
 #   snakemake --profile slurm all               # every job through SLURM (see slurm/config.yaml)
 #   snakemake -c2 results/tables/ablation.csv   # one product and only its subgraph
+import os
+import re
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -25,4 +28,4 @@ rule all:
     input:
         table_targets(),
         figure_targets(),
-        f"results/figures/{DATASET}_sample_bev.png",
+        path("sample_figure"),

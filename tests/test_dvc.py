@@ -19,12 +19,12 @@ from pipeline_helpers import SMOKE_CONFIG, Finished, copy_repo, run_command
 from turbotrain.utils.atomic import write_yaml
 
 # The round trip covers the whole smoke DAG (the smoke grid pretrains on the extra dataset too).
-DVC_STAGES = ("dataset", "cache", "extra_data@synthetic_b", "results")
+DVC_STAGES = ("raw-synthetic_smoke", "cache-synthetic_smoke", "raw-synthetic_b", "cache-synthetic_b", "results")
 SNAKEMAKE_TARGETS = ("all",)
 # A parameter only the final evaluation depends on (not the training curves): DVC reruns `results`,
 # in which Snakemake re-evaluates the trained checkpoints without retraining them, and nothing upstream.
 CHANGED_SECTION, CHANGED_KEY, NEW_VALUE = "evaluation", "miss_threshold", 3.0
-RERUN_STAGE, KEPT_STAGES = "results", ("dataset", "cache", "extra_data@synthetic_b")
+RERUN_STAGE, KEPT_STAGES = "results", DVC_STAGES[:4]
 GIT_IDENTITY = ["-c", "user.name=turbotrain-test", "-c", "user.email=test@turbotrain.invalid"]
 
 
@@ -40,17 +40,24 @@ def dvc(repo: Path, *args: str) -> Finished:
 
 
 def install_smoke_config(project: Path) -> None:
-    """Make the smoke configuration the project's config, merged the way Snakemake merges it."""
+    """Make the smoke configuration the project's config, merged the way Snakemake merges it, and
+    generate its dvc.yaml (the committed one is config/config.yaml's)."""
     config_path = project / "config" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
     update_config(config, yaml.safe_load((project / SMOKE_CONFIG).read_text()))
     write_yaml(config_path, config)
+    done = run_command(["turbotrain", "dvc-yaml", "--config", "config/config.yaml", "--out", "dvc.yaml"], project)
+    assert done.returncode == 0, done.output
 
 
 def edit_param(project: Path, section: str, key: str, value) -> None:
     config_path = project / "config" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
-    config[section][key] = value
+    node = config[section]
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
     write_yaml(config_path, config)
 
 
@@ -123,3 +130,12 @@ def test_changed_param_reruns_only_dependent_stages(pulled_clone):
     changed = {path for path in rerun_after if rerun_after[path] != rerun_before.get(path)}
     assert any(path.startswith("results/metrics") for path in changed), changed
     assert not any(path.startswith("runs/") for path in changed), changed
+
+
+@pytest.mark.slow
+def test_an_extra_datasets_seed_marks_its_data_and_the_results_as_changed(pulled_clone):
+    """Pretraining reads the extra dataset: a new seed for it must rerun `results`, not only its data."""
+    edit_param(pulled_clone, "extra_datasets", "synthetic_b.seed", 7)
+    status = dvc(pulled_clone, "status", *DVC_STAGES).output
+    assert all(f"{stage}:" in status for stage in ("raw-synthetic_b", "cache-synthetic_b", "results")), status
+    assert not any(f"{stage}:" in status for stage in ("raw-synthetic_smoke", "cache-synthetic_smoke")), status

@@ -4,7 +4,7 @@ import torch
 
 from turbotrain.config import load_config
 from turbotrain.data.synth import generate_dataset
-from turbotrain.experiments import Run
+from turbotrain.contract import Run
 from turbotrain.stages.data import fuse
 from turbotrain.stages.finetune import finetune
 from turbotrain.train.recipes import recipe_stages

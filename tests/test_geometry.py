@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from turbotrain.geometry import (box_corners_bev, matrix_to_pose, points_in_boxes, pose_to_matrix,
                                  relative_transform, transform_boxes, transform_points, transform_xy_yaw)

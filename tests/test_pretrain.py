@@ -235,14 +235,14 @@ def test_a_variant_may_change_the_pretraining_budget(smoke_cache, tmp_path):
 
 
 def test_pretraining_settings_of_one_variant_ignore_the_other_variants():
-    from turbotrain.experiments import pretrain_settings
+    from turbotrain.contract import pretrain_depends
 
     config = load_config("config/config.yaml")
-    before = copy.deepcopy(pretrain_settings(config, "spatiotemporal"))
+    before = copy.deepcopy(pretrain_depends(config, "spatiotemporal"))
     config["pretrain"]["variants"]["trajectory"]["trajectory"]["window"] = 4
     config["pretrain"]["variants"]["brand_new"] = {"type": "trajectory"}
-    assert pretrain_settings(config, "spatiotemporal") == before
+    assert pretrain_depends(config, "spatiotemporal") == before
     config["pretrain"]["variants"]["spatiotemporal"]["mask_ratio"] = 0.5
-    assert pretrain_settings(config, "spatiotemporal") != before
+    assert pretrain_depends(config, "spatiotemporal") != before
     config["pretrain"]["points_per_cell"] = 10  # shared settings count for every variant
-    assert pretrain_settings(config, "trajectory")["pretrain"]["points_per_cell"] == 10
+    assert pretrain_depends(config, "trajectory")["pretrain.shared"]["points_per_cell"] == 10

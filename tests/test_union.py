@@ -20,6 +20,7 @@ from turbotrain.cli import main as cli_main
 from turbotrain.config import validate_config
 from turbotrain.data.dataset import FusedDataset, UnionDataset
 from turbotrain.data.opencood import index_split, read_trajectories
+from turbotrain import contract
 from turbotrain.stages import data
 from turbotrain.utils.errors import ConfigError
 
@@ -48,10 +49,10 @@ def built(tmp_path_factory):
     """Both datasets generated and their train split fused, each on its own `with_dataset` config."""
     tmp = tmp_path_factory.mktemp("datasets")
     cfg = two_dataset_config(tmp)
-    for name in data.dataset_names(cfg):
-        mine = data.with_dataset(cfg, name)
-        data.generate(mine, data.raw_root(mine))
-        data.fuse(mine, data.raw_root(mine), "train", Path(cfg["cache"]["root"]) / name)
+    for name in contract.dataset_names(cfg):
+        mine = contract.with_dataset(cfg, name)
+        data.generate(mine, contract.raw_dir(mine))
+        data.fuse(mine, contract.raw_dir(mine), "train", Path(cfg["cache"]["root"]) / name)
     return cfg
 
 
@@ -69,11 +70,11 @@ def track_types(raw: str, sample_id: str) -> dict[int, str]:
 
 
 def test_the_config_names_both_datasets_primary_first(built):
-    assert data.dataset_names(built) == ["synthetic_smoke", "synthetic_b"]
-    b = data.with_dataset(built, "synthetic_b")
+    assert contract.dataset_names(built) == ["synthetic_smoke", "synthetic_b"]
+    b = contract.with_dataset(built, "synthetic_b")
     assert b["dataset"]["name"] == "synthetic_b" and b["dataset"]["preset"] == "smoke"
     assert b["dataset"]["synthetic_overrides"]["obj_type_names"] == RENAMED
-    assert Path(data.raw_root(b)) == Path(built["dataset"]["root"]) / "synthetic_b"
+    assert Path(contract.raw_dir(b)) == Path(built["dataset"]["root"]) / "synthetic_b"
 
 
 def test_union_concatenates_the_sources_with_their_class_maps_applied(built):
@@ -88,7 +89,7 @@ def test_union_concatenates_the_sources_with_their_class_maps_applied(built):
         union[len(union)]
 
     # B's files speak vehicle / bus / walker only; its class_map brought them back onto `classes`.
-    b_raw = data.raw_root(data.with_dataset(built, "synthetic_b"))
+    b_raw = contract.raw_dir(contract.with_dataset(built, "synthetic_b"))
     (b_index,) = index_split(b_raw, "train")
     assert set(read_trajectories(b_index).obj_type) <= set(RENAMED.values())
     class_map = built["extra_datasets"]["synthetic_b"]["class_map"]
@@ -116,8 +117,8 @@ def test_a_name_the_class_map_leaves_out_is_dropped_and_counted(built, tmp_path)
     """As in the fusion stage: a type neither mapped nor in `classes` is dropped, per sample counted."""
     cfg = copy.deepcopy(built)
     cfg["extra_datasets"]["synthetic_b"]["class_map"] = {"vehicle": "car", "bus": "truck"}  # no walker
-    b = data.with_dataset(cfg, "synthetic_b")
-    summary = data.fuse(b, data.raw_root(b), "train", tmp_path)
+    b = contract.with_dataset(cfg, "synthetic_b")
+    summary = data.fuse(b, contract.raw_dir(b), "train", tmp_path)
     assert summary["skipped"]["unknown_object_types"].get("walker", 0) > 0
     assert set(summary["skipped"]["unknown_object_types"]) == {"walker"}
     pedestrian = cfg["classes"].index("pedestrian")

@@ -1,11 +1,13 @@
 """The DAG itself: lint-clean, the paper grid plans >= 200 jobs, one product plans only its subgraph."""
+import json
 import re
 
 import yaml
-
 from pipeline_helpers import REPO_ROOT, SMOKE_CONFIG, run_command, smoke_merged_config
 
-from turbotrain.stages.data import with_dataset
+from turbotrain.contract import FROZEN_CONFIG_DIR, with_dataset
+
+FROZEN = re.compile(re.escape(FROZEN_CONFIG_DIR) + r"/[0-9a-f]{16}\.yaml")
 
 
 def planned(targets, configfile):
@@ -42,8 +44,9 @@ def test_an_extra_dataset_is_generated_and_fused_on_demand_with_its_own_config()
     jobs = planned(["data/cache/synthetic_b/train"], SMOKE_CONFIG)
     assert jobs == {"generate": 1, "fuse": 1, "total": 2}
     out = done.output
-    assert "turbotrain generate --config .turbotrain/datasets/synthetic_b.yaml --out data/raw/synthetic_b" in out
-    assert ("turbotrain fuse --config .turbotrain/datasets/synthetic_b.yaml --raw data/raw/synthetic_b "
+    frozen = FROZEN.search(out).group(0)
+    assert f"turbotrain generate --config {frozen} --dataset synthetic_b --out data/raw/synthetic_b" in out
+    assert (f"turbotrain fuse --config {frozen} --dataset synthetic_b --raw data/raw/synthetic_b "
             "--split train --out data/cache/synthetic_b") in out
     assert "logs/fuse/synthetic_b_train.log" in out and "benchmarks/fuse/synthetic_b_train.tsv" in out
     assert "synthetic_smoke" not in out  # nothing of the primary dataset
@@ -57,10 +60,11 @@ def test_the_primary_dataset_keeps_its_paths_and_commands():
     done = run_command(["snakemake", "-n", "-p", "all", "--forceall", "--configfile", SMOKE_CONFIG], REPO_ROOT)
     assert done.returncode == 0, done.output[-3000:]
     out = done.output
-    assert "turbotrain generate --config .turbotrain/config.yaml --out data/raw/synthetic_smoke" in out
+    frozen = FROZEN.search(out).group(0)
+    assert f"turbotrain generate --config {frozen} --dataset synthetic_smoke --out data/raw/synthetic_smoke" in out
     for split in ("train", "val", "test"):
-        assert (f"turbotrain fuse --config .turbotrain/config.yaml --raw data/raw/synthetic_smoke --split {split} "
-                "--out data/cache/synthetic_smoke") in out
+        assert (f"turbotrain fuse --config {frozen} --dataset synthetic_smoke --raw data/raw/synthetic_smoke "
+                f"--split {split} --out data/cache/synthetic_smoke") in out
     assert "logs/generate/synthetic_smoke.log" in out and "results/figures/synthetic_smoke_sample_bev.png" in out
 
 
@@ -72,10 +76,13 @@ def test_unknown_and_duplicate_dataset_names_fail_before_any_job():
     assert done.returncode != 0 and "extra_datasets.synthetic_smoke: this name is the primary dataset's" in done.output
 
 
-def test_a_dry_run_leaves_the_running_pipelines_config_alone():
-    effective = REPO_ROOT / ".turbotrain" / "config.yaml"
-    before = effective.read_bytes() if effective.exists() else None
-    for flags in (["-n", "all"], ["-np", "all"], ["--dry-run", "all"], ["--lint"]):
-        done = run_command(["snakemake", *flags, "--configfile", SMOKE_CONFIG, "--config", "seed=123"], REPO_ROOT)
-        assert done.returncode == 0, done.output[-3000:]
-        assert (effective.read_bytes() if effective.exists() else None) == before
+def test_every_job_reads_a_frozen_config_named_by_its_content():
+    """Jobs read `.turbotrain/configs/<digest>.yaml`: another config gets another file, and a file,
+    once written, is never rewritten (so no later command can change what a queued job reads)."""
+    outputs = [run_command(["snakemake", "-n", "-p", "all", "--forceall", "--configfile", SMOKE_CONFIG, *extra],
+                           REPO_ROOT).output for extra in ([], ["--config", "seed=123"], [])]
+    first, other, again = (set(FROZEN.findall(out)) for out in outputs)
+    assert len(first) == 1 and first == again and first != other
+    (path,) = first
+    frozen = yaml.safe_load((REPO_ROOT / path).read_text())
+    assert frozen == json.loads(json.dumps(smoke_merged_config()))

@@ -10,7 +10,7 @@ import torch
 
 from turbotrain.data.cache.format import load_manifest
 from turbotrain.data.dataset import FusedDataset
-from turbotrain.experiments import FUSION_MODES
+from turbotrain.contract import FUSION_MODES
 from turbotrain.grid import Grid
 from turbotrain.train.engine import TrainConfig
 

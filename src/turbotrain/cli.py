@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
+from turbotrain import contract
 from turbotrain.config import load_config
 from turbotrain.utils.errors import ConfigError, DataError
 
@@ -50,22 +52,20 @@ def _cmd_show(args, config):
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fusion", required=True, choices=["none", "early", "late", "fcooper", "attfuse", "v2xvit"])
+    p.add_argument("--fusion", required=True, choices=contract.FUSIONS)
     p.add_argument("--pretrain", required=True, help="name of a pretrain.variants entry")
-    p.add_argument("--recipe", required=True, choices=["multistage", "joint"])
-    p.add_argument("--balancer", required=True)
+    p.add_argument("--recipe", required=True, choices=contract.RECIPES)
+    p.add_argument("--balancer", required=True, choices=contract.BALANCERS)
     p.add_argument("--label-fraction", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", required=True, help="fusion cache root of the dataset")
 
 
 def _run_of(args, config):
-    from turbotrain.experiments import Run
-
-    if args.recipe == "multistage" and args.balancer != "fixed":
+    if args.recipe == "multistage" and args.balancer != contract.MULTISTAGE_BALANCER:
         raise ConfigError(f"--balancer {args.balancer}: the multistage recipe weights its losses by hand "
-                          "(finetune.multistage.stages[].loss_weights); use --balancer fixed")
-    return Run(config["dataset"]["name"], args.fusion, args.pretrain, args.recipe, args.balancer,
+                          f"(finetune.multistage.stages[].loss_weights); use --balancer {contract.MULTISTAGE_BALANCER}")
+    return contract.Run(config["dataset"]["name"], args.fusion, args.pretrain, args.recipe, args.balancer,
                args.label_fraction, args.seed)
 
 
@@ -97,7 +97,7 @@ def _cmd_tables(args, config):
 def _cmd_figures(args, config):
     from turbotrain.stages.report import write_figure
 
-    cache = f"{config['cache']['root']}/{config['dataset']['name']}"
+    cache = os.path.dirname(contract.cache_dir(config, config["evaluation"]["split"]))
     write_figure(config, args.figure, args.metrics, args.out, args.cache or cache)
 
 
@@ -108,10 +108,16 @@ def _cmd_show_masking(args, config):
                            index=args.index, split=args.split)
 
 
-def _cmd_runs(args, config):
-    from turbotrain.experiments import expand_runs
+def _cmd_dvc_yaml(args, config):
+    from turbotrain.dvc import render
+    from turbotrain.utils.atomic import write_text
 
-    for run in expand_runs(config, args.table):
+    write_text(args.out, render(config, args.config))
+    print(args.out)
+
+
+def _cmd_runs(args, config):
+    for run in contract.expand_runs(config, args.table):
         print(run.metrics_path)
 
 
@@ -152,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretraining of one variant (LiDAR and/or trajectory SSL); writes pretrained.pt")
     _common(p)
     p.add_argument("--variant", required=True, help="name of a pretrain.variants entry")
-    p.add_argument("--fusion", required=True, choices=["none", "early", "fcooper", "attfuse", "v2xvit"])
+    p.add_argument("--fusion", required=True, choices=contract.TRAINED_FUSIONS)
     p.add_argument("--cache", required=True, action="append",
                    help="fusion cache root of a pretraining dataset (repeat for a union; folder name = dataset name)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, pretrained.pt)")
@@ -174,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tables", help="build one results table (CSV + Markdown) from metrics files")
     _common(p)
-    p.add_argument("--table", required=True, choices=["main", "ablation", "efficiency", "data_efficiency", "transfer"])
+    p.add_argument("--table", required=True, choices=contract.TABLES)
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_tables)
@@ -182,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="draw one results figure (PNG)")
     _common(p)
     p.add_argument("--figure", required=True,
-                   choices=["learning_curves", "gradient_conflict", "ap_vs_time", "data_efficiency", "qualitative_bev",
-                            "trajectory_pretraining"])
+                   choices=contract.FIGURES)
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--cache", default=None, help="fusion cache root (qualitative figure)")
     p.add_argument("--out", required=True)
@@ -192,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show-masking", help="draw masked cells and reconstructed vs real points of one sample")
     _common(p)
     p.add_argument("--variant", required=True, help="name of a pretrain.variants entry")
-    p.add_argument("--fusion", default="attfuse")
+    p.add_argument("--fusion", default="attfuse", choices=contract.TRAINED_FUSIONS)
     p.add_argument("--cache", required=True)
     p.add_argument("--checkpoint", default=None,
                    help="the pretraining run's objective.pt or last.pt (pretrained.pt lacks the decoder); none = untrained")
@@ -200,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_show_masking)
+
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml (DVC stages and their params) from the pipeline contract")
+    _common(p)
+    p.add_argument("--out", default="dvc.yaml")
+    p.set_defaults(func=_cmd_dvc_yaml)
 
     p = sub.add_parser("runs", help="list the runs of the experiment grid (metrics paths)")
     _common(p)
@@ -215,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         if getattr(args, "dataset", None) is not None:
-            from turbotrain.stages.data import with_dataset
-
-            config = with_dataset(config, args.dataset)
+            config = contract.with_dataset(config, args.dataset)
         args.func(args, config)
     except (ConfigError, DataError) as exc:
         print(f"turbotrain {args.command}: error: {exc}", file=sys.stderr)

@@ -1,10 +1,10 @@
 # Data: generate (synthetic) or download the raw data of every configured dataset (`dataset` and
 # `extra_datasets`), then one fusion-cache job per (dataset, split). The `dataset` wildcard takes
-# only configured names, and each source's rule only the names of its datasets; a dataset's jobs
-# read its own config (`effective_config(name)`) and hash only what its data depends on.
+# only configured names, and each source's rule only the names of its datasets; every job reads the
+# frozen config with `--dataset <name>` and hashes only what its own data depends on.
 
 
-if datasets_from("synthetic"):
+if C.datasets_from(config, "synthetic"):
 
     rule generate:
         conda:
@@ -12,20 +12,21 @@ if datasets_from("synthetic"):
         output:
             directory(raw_pattern("synthetic")),
         params:
-            cfg=lambda w: effective_config(w.dataset),
-            depends=lambda w: dataset_hash(w.dataset),
+            depends=lambda w: depends("raw", w.dataset),
         wildcard_constraints:
-            dataset=one_of(datasets_from("synthetic")),
+            dataset=one_of(C.datasets_from(config, "synthetic")),
         threads: lambda w: generator_workers(w.dataset)
+        resources:
+            config_file=FROZEN_CONFIG,
         log:
-            "logs/generate/{dataset}.log",
+            C.PATHS["generate_log"],
         benchmark:
-            "benchmarks/generate/{dataset}.tsv"
+            C.PATHS["generate_benchmark"]
         shell:
-            "turbotrain generate --config {params.cfg} --out {output} > {log} 2>&1"
+            "turbotrain generate --config {resources.config_file} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
 
 
-if datasets_from("download"):
+if C.datasets_from(config, "download"):
 
     rule download:
         conda:
@@ -33,14 +34,15 @@ if datasets_from("download"):
         output:
             directory(raw_pattern("download")),
         params:
-            cfg=lambda w: effective_config(w.dataset),
-            depends=lambda w: download_hash(w.dataset),
+            depends=lambda w: depends("download", w.dataset),
         wildcard_constraints:
-            dataset=one_of(datasets_from("download")),
+            dataset=one_of(C.datasets_from(config, "download")),
+        resources:
+            config_file=FROZEN_CONFIG,
         log:
-            "logs/download/{dataset}.log",
+            C.PATHS["download_log"],
         shell:
-            "turbotrain download --config {params.cfg} --out {output} > {log} 2>&1"
+            "turbotrain download --config {resources.config_file} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
 
 
 rule fuse:
@@ -49,20 +51,22 @@ rule fuse:
     input:
         lambda w: raw_dir(w.dataset),
     output:
-        directory(f"{config['cache']['root']}/{{dataset}}/{{split}}"),
+        directory(cache_pattern()),
     params:
-        cfg=lambda w: effective_config(w.dataset),
         root=lambda w, output: os.path.dirname(output[0]),
-        depends=lambda w: fusion_hash(w.dataset),
+        depends=lambda w: depends("cache", w.dataset),
     wildcard_constraints:
         dataset=one_of(DATASETS),
-        split="train|val|test",
+        split=one_of(C.SPLITS),
+    resources:
+        config_file=FROZEN_CONFIG,
     log:
-        "logs/fuse/{dataset}_{split}.log",
+        C.PATHS["fuse_log"],
     benchmark:
-        "benchmarks/fuse/{dataset}_{split}.tsv"
+        C.PATHS["fuse_benchmark"]
     shell:
-        "turbotrain fuse --config {params.cfg} --raw {input} --split {wildcards.split} --out {params.root} > {log} 2>&1"
+        "turbotrain fuse --config {resources.config_file} --dataset {wildcards.dataset} --raw {input} --split {wildcards.split}"
+        " --out {params.root} > {log} 2>&1"
 
 
 rule show_sample:
@@ -71,11 +75,12 @@ rule show_sample:
     input:
         cache_split("val"),
     output:
-        f"results/figures/{DATASET}_sample_bev.png",
+        path("sample_figure"),
     params:
-        cfg=EFFECTIVE_CONFIG,
         root=lambda w, input: os.path.dirname(input[0]),
+    resources:
+        config_file=FROZEN_CONFIG,
     log:
-        f"logs/show/{DATASET}.log",
+        path("show_log"),
     shell:
-        "turbotrain show --config {params.cfg} --cache {params.root} --split val --index 0 --out {output} > {log} 2>&1"
+        "turbotrain show --config {resources.config_file} --cache {params.root} --split val --index 0 --out {output} > {log} 2>&1"

@@ -5,26 +5,26 @@ rule evaluate:
     conda:
         "../../environment.yml"
     input:
-        checkpoint=trained_checkpoint,
-        summary=lambda w: f"{run_from_wildcards(w).train_dir}/summary.json",
+        checkpoint=lambda w: run_of(w).path("checkpoint"),
+        summary=lambda w: run_of(w).path("summary"),
         test=cache_split(config["evaluation"]["split"]),
     output:
-        "results/metrics/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}.json" % DATASET,
+        path("metrics"),
     params:
-        cfg=EFFECTIVE_CONFIG,
         root=lambda w, input: os.path.dirname(input.test),
-        depends=evaluation_hash(),
+        depends=lambda w: depends("evaluate", run_of(w)),
     wildcard_constraints:
-        fusion="none|early|late|fcooper|attfuse|v2xvit",
+        fusion=one_of(C.FUSIONS),
         seed=r"\d+",
     resources:
+        config_file=FROZEN_CONFIG,
         gpu=gpu_resources(),
     log:
-        "logs/evaluate/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}.log" % DATASET,
+        path("evaluate_log"),
     benchmark:
-        "benchmarks/evaluate/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}.tsv" % DATASET
+        path("evaluate_benchmark")
     shell:
-        "turbotrain evaluate --config {params.cfg} --checkpoint {input.checkpoint} --fusion {wildcards.fusion}"
+        "turbotrain evaluate --config {resources.config_file} --checkpoint {input.checkpoint} --fusion {wildcards.fusion}"
         " --pretrain {wildcards.pretrain} --recipe {wildcards.recipe} --balancer {wildcards.balancer}"
         " --label-fraction {wildcards.fraction} --seed {wildcards.seed} --cache {params.root}"
         " --out {output} > {log} 2>&1"

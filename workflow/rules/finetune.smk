@@ -11,28 +11,27 @@ rule finetune:
         val=cache_split("val"),
         pretrained=pretrained_input,
     output:
-        checkpoint="runs/finetune/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}/final.pt" % DATASET,
-        summary="runs/finetune/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}/summary.json" % DATASET,
+        checkpoint=path("checkpoint"),
+        summary=path("summary"),
     params:
-        cfg=EFFECTIVE_CONFIG,
         root=lambda w, input: os.path.dirname(input.train),
         run_dir=lambda w, output: os.path.dirname(output.checkpoint),
         pretrained=lambda w, input: f"--pretrained {input.pretrained}" if input.pretrained else "",
         launch=launcher,
-        depends=section_hash("train", "finetune", "model", "grid", "classes"),
-        curve=curve_hash(),
+        depends=lambda w: depends("finetune", run_of(w)),
     wildcard_constraints:
-        fusion="none|early|fcooper|attfuse|v2xvit",
-        recipe="multistage|joint",
+        fusion=one_of(C.TRAINED_FUSIONS),
+        recipe=one_of(C.RECIPES),
         seed=r"\d+",
     resources:
+        config_file=FROZEN_CONFIG,
         **TRAINING_RESOURCES,
     retries: 2
     log:
-        "logs/finetune/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}.log" % DATASET,
+        path("finetune_log"),
     benchmark:
-        "benchmarks/finetune/%s/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}.tsv" % DATASET
+        path("finetune_benchmark")
     shell:
-        "{params.launch} train --config {params.cfg} --fusion {wildcards.fusion} --pretrain {wildcards.pretrain}"
+        "{params.launch} train --config {resources.config_file} --fusion {wildcards.fusion} --pretrain {wildcards.pretrain}"
         " --recipe {wildcards.recipe} --balancer {wildcards.balancer} --label-fraction {wildcards.fraction}"
         " --seed {wildcards.seed} --cache {params.root} {params.pretrained} --out {params.run_dir} > {log} 2>&1"

@@ -5,33 +5,36 @@ rule table:
     conda:
         "../../environment.yml"
     input:
-        lambda w: [r.metrics_path for r in expand_runs(config, w.table)],
+        lambda w: [r.metrics_path for r in C.expand_runs(config, w.table)],
     output:
-        csv=report("results/tables/{table}.csv", category="Tables", caption="../report/table.rst"),
-        md="results/tables/{table}.md",
+        csv=report(C.PATHS["table"], category="Tables", caption="../report/table.rst"),
+        md=C.PATHS["table_md"],
     params:
-        cfg=EFFECTIVE_CONFIG,
-        depends=section_hash("evaluation"),
+        depends=lambda w: depends("table", w.table),
     wildcard_constraints:
-        table="main|ablation|efficiency|data_efficiency|transfer",
+        table=one_of(C.TABLES),
+    resources:
+        config_file=FROZEN_CONFIG,
     log:
-        "logs/tables/{table}.log",
+        C.PATHS["table_log"],
     shell:
-        "turbotrain tables --config {params.cfg} --table {wildcards.table} --metrics {input} --out {output.csv} > {log} 2>&1"
+        "turbotrain tables --config {resources.config_file} --table {wildcards.table} --metrics {input} --out {output.csv} > {log} 2>&1"
 
 
 rule figure:
     conda:
         "../../environment.yml"
     input:
-        lambda w: [r.metrics_path for r in RUNS],
+        [r.metrics_path for r in RUNS],
     output:
-        report("results/figures/{figure}.png", category="Figures", caption="../report/figure.rst"),
+        report(C.PATHS["figure"], category="Figures", caption="../report/figure.rst"),
     params:
-        cfg=EFFECTIVE_CONFIG,
+        depends=lambda w: depends("figure", w.figure),
     wildcard_constraints:
-        figure="learning_curves|gradient_conflict|ap_vs_time|data_efficiency|qualitative_bev|trajectory_pretraining",
+        figure=one_of(C.FIGURES),
+    resources:
+        config_file=FROZEN_CONFIG,
     log:
-        "logs/figures/{figure}.log",
+        C.PATHS["figure_log"],
     shell:
-        "turbotrain figures --config {params.cfg} --figure {wildcards.figure} --metrics {input} --out {output} > {log} 2>&1"
+        "turbotrain figures --config {resources.config_file} --figure {wildcards.figure} --metrics {input} --out {output} > {log} 2>&1"

@@ -28,6 +28,7 @@ from turbotrain.data.voxelize import Voxelizer
 from turbotrain.geometry import transform_points
 from turbotrain.grid import Grid
 from turbotrain.utils.errors import ConfigError, DataError
+from turbotrain.utils.seed import seed_worker
 
 FusionMode = Literal["intermediate", "early", "none", "tracks"]
 
@@ -285,13 +286,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     generator.manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
-        generator=generator, worker_init_fn=_seed_worker,
+        generator=generator, worker_init_fn=seed_worker,
     )
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the generator; numpy must follow for augmentations to be reproducible.
-    np.random.seed(torch.initial_seed() % 2**32)
 
 
 def _agent_type(agent_id: int) -> int:

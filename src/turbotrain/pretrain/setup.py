@@ -10,7 +10,7 @@ import torch
 from turbotrain.build import build_model, fused_dataset, grid_of
 from turbotrain.data.dataset import FusedDataset, UnionDataset
 from turbotrain.data.sample import collate
-from turbotrain.experiments import FUSION_MODES, LIDAR_TYPES, TRAJECTORY_TYPES
+from turbotrain.contract import FUSION_MODES, LIDAR_TYPES, TRAJECTORY_TYPES
 from turbotrain.pretrain.objective import VARIANT_INPUT, CombinedPretraining, MaskedReconstruction
 from turbotrain.pretrain.trajectory import TrajectorySSL
 from turbotrain.utils.errors import ConfigError

@@ -1,89 +1,19 @@
 """Data stages: generate / download the raw dataset, build the fusion cache, draw a sample.
 
 Every stage reads ``config["dataset"]``. The config may name more datasets under ``extra_datasets``
-(pretraining data); :func:`with_dataset` gives the config in which one of them is ``dataset``, which
-is what ``turbotrain <verb> --dataset NAME`` and the per-dataset Snakemake jobs run on.
+(pretraining data); :func:`turbotrain.contract.with_dataset` gives the config in which one of them is
+``dataset``, which is what ``turbotrain <verb> --dataset NAME`` (and so every data job) runs on.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 from pathlib import Path
 
-from turbotrain.utils.hashing import config_hash
 from turbotrain.grid import Grid
 from turbotrain.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def dataset_names(config: dict) -> list[str]:
-    """Every configured dataset: the primary ``dataset.name`` first, then ``extra_datasets`` in config order."""
-    return [config["dataset"]["name"], *config.get("extra_datasets", {})]
-
-
-def with_dataset(config: dict, name: str) -> dict:
-    """A deep copy of ``config`` in which the dataset called ``name`` is ``dataset``.
-
-    For an extra dataset, its entry (with ``name`` filled in) becomes ``dataset`` and its ``seed``
-    (default: the top-level seed) becomes the copy's top-level ``seed``: the data stages seed
-    generation and the fusion cache's label-fraction subsets with it, so one dataset's data never
-    depends on which dataset is primary. The primary moves to ``extra_datasets`` (with the seed it
-    was built with), so the copy names the same datasets and validates again. The primary's own
-    copy is an unchanged deep copy.
-    """
-    primary = config["dataset"]["name"]
-    out = copy.deepcopy(config)
-    if name == primary:
-        return out
-    extras = out.get("extra_datasets", {})
-    if name not in extras:
-        raise ConfigError(f"dataset {name!r}: no such dataset; configured: {', '.join(dataset_names(config))} "
-                          "(dataset.name and the keys of extra_datasets)")
-    entry = extras.pop(name)
-    seed = entry.pop("seed", config["seed"])
-    demoted = {k: v for k, v in out["dataset"].items() if k != "name"}
-    out["dataset"] = {"name": name, **entry}
-    out["extra_datasets"] = {primary: {**demoted, "seed": config["seed"]}, **extras}
-    out["seed"] = seed
-    return out
-
-
-# Dataset keys the raw data depends on (class_map and on_bad_frame only matter when it is read).
-GENERATION_KEYS = ("name", "source", "preset", "synthetic_overrides", "urls", "local_path")
-
-
-def raw_data_hash(config: dict) -> str:
-    """What the raw data of ``config["dataset"]`` depends on: its generation keys and the top-level
-    seed (a :func:`with_dataset` copy carries the dataset's own); the generator's process count
-    changes how fast, not what."""
-    section = {k: config["dataset"][k] for k in GENERATION_KEYS}
-    section["synthetic_overrides"] = {k: v for k, v in section["synthetic_overrides"].items() if k != "workers"}
-    return config_hash({"dataset": section, "seed": config["seed"]})
-
-
-def download_data_hash(config: dict) -> str:
-    """A download depends on the whole dataset section (urls, checksums, names)."""
-    return config_hash({"dataset": config["dataset"]})
-
-
-def cache_data_hash(config: dict) -> str:
-    """What the fusion cache of ``config["dataset"]`` depends on besides its raw data (the seed draws
-    the label-fraction subsets)."""
-    reading = {k: config["dataset"][k] for k in ("class_map", "on_bad_frame")}
-    return config_hash({"reading": reading, **{k: config[k] for k in ("cache", "grid", "classes", "seed")}})
-
-
-def raw_root(config: dict) -> str:
-    """Folder holding the OpenCOOD-layout data the fusion stage reads."""
-    ds = config["dataset"]
-    if ds["source"] == "local":
-        if not ds["local_path"]:
-            raise ConfigError(f"dataset.local_path: expected the unpacked dataset folder when dataset.source is 'local' "
-                              f"(dataset {ds['name']!r})")
-        return ds["local_path"]
-    return str(Path(ds["root"]) / ds["name"])
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

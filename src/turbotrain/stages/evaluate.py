@@ -9,7 +9,7 @@ from turbotrain.build import build_model, device_of, evaluation_dataset
 from turbotrain.evaluate.inference import Predictor, collect
 from turbotrain.evaluate.metrics_file import write_metrics
 from turbotrain.evaluate.scoring import score_split
-from turbotrain.experiments import LIDAR_TYPES, Run, pretraining_sources
+from turbotrain.contract import LIDAR_TYPES, Run, pretraining_sources
 from turbotrain.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def evaluate(config: dict, run: Run, checkpoint: str, cache_root: str, out_path:
         "recipe": run.recipe, "label_fraction": run.label_fraction, "seed": run.seed,
         "mask_ratio": variant["mask_ratio"] if variant["type"] in LIDAR_TYPES else None,
         "pretrain_type": variant["type"], "pretrain_data": pretraining_sources(config, run.pretrain),
-        "run_id": run.metrics_path.removeprefix("results/metrics/").removesuffix(".json"),
+        "run_id": run.run_id,
     }
     write_metrics(out_path, run_record, detection, prediction, training)
     return {"detection": detection["map"], "prediction": {k: prediction[k] for k in ("min_ade", "min_fde", "mr", "epa")}}

@@ -8,7 +8,7 @@ import torch
 
 from turbotrain.build import build_model, cache_fingerprint, device_of, evaluation_dataset, fused_dataset, train_config
 from turbotrain.data.sample import collate
-from turbotrain.experiments import FUSION_MODES, Run
+from turbotrain.contract import FUSION_MODES, Run, finetune_depends
 from turbotrain.pretrain.transfer import load_pretrained
 from turbotrain.train.balancers import build_balancer
 from turbotrain.train.curve import TrainingCurve, recalibrate_batchnorm
@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def run_inputs(config: dict, run: Run, cache_root: str, pretrained: str | None) -> dict:
-    """Everything a run's weights depend on: a resumed run must have been started from the same."""
-    sections = ("classes", "grid", "model", "train", "finetune")
-    return {"run": run.as_dict(), "config": {k: config[k] for k in sections},
-            "curve_samples": config["evaluation"]["curve_samples"],
-            "train_cache": cache_fingerprint(cache_root), "pretrained": sha256_file(pretrained) if pretrained else None}
+    """Everything a run's weights and curve depend on: what Snakemake reruns the job for
+    (``contract.finetune_depends``), plus the data and weights it starts from. A run folder is
+    resumed only by a job started from the same."""
+    return {"depends": finetune_depends(config, run), "train_cache": cache_fingerprint(cache_root),
+            "pretrained": sha256_file(pretrained) if pretrained else None}
 
 
 def finetune(config: dict, run: Run, cache_root: str, pretrained: str | None, out_dir: str) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from turbotrain.build import cache_fingerprint, train_config
 from turbotrain.data.sample import collate
-from turbotrain.experiments import pretrain_settings
+from turbotrain.contract import pretrain_depends
 from turbotrain.pretrain.setup import build_objective, variant_of
 from turbotrain.pretrain.trajectory import TrajectorySSL
 from turbotrain.pretrain.transfer import save_pretrained
@@ -37,7 +37,7 @@ def pretrain(config: dict, variant_name: str, fusion: str, cache_roots: list[str
     run_dir = Path(out_dir)
     if is_main_process():
         inputs = {"variant": variant_name, "fusion": fusion, "train_cache": [cache_fingerprint(r) for r in cache_roots],
-                  "config": pretrain_settings(config, variant_name)}
+                  "depends": pretrain_depends(config, variant_name)}
         claim_run_dir(run_dir, inputs)
     setup = build_objective(config, variant_name, fusion, cache_roots, sources)
     variant, data, objective, section = setup.variant, setup.data, setup.objective, config["pretrain"]

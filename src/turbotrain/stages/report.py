@@ -6,14 +6,14 @@ from pathlib import Path
 import pandas as pd
 
 from turbotrain.evaluate.metrics_file import metrics_frame
-from turbotrain.experiments import TRAJECTORY_TYPES, Run, expand_runs, pretrain_path, pretraining_sources
+from turbotrain.contract import TRAJECTORY_TYPES, Run, expand_runs, pretrained_path, pretraining_sources, template
 from turbotrain.report import figures, tables
 from turbotrain.utils.errors import ConfigError
 
 
 def _run_of(row: pd.Series) -> Run:
-    return Run(row["dataset"], row["fusion"], row["pretrain"], row["recipe"], row["balancer"],
-               float(row["label_fraction"]), int(row["seed"]))
+    return Run.from_fields(row["dataset"], row["fusion"], row["pretrain"], row["recipe"], row["balancer"],
+                           row["label_fraction"], row["seed"])
 
 
 def _benchmarks(frame: pd.DataFrame) -> dict[str, list[str]]:
@@ -21,30 +21,34 @@ def _benchmarks(frame: pd.DataFrame) -> dict[str, list[str]]:
     out = {}
     for _, row in frame.iterrows():
         run = _run_of(row)
-        paths = [Path(f"benchmarks/finetune/{run.dataset}/{run.trained_fusion}/{run.pretrain}/"
-                      f"{run.recipe}-{run.balancer}/lf{run.label_fraction:g}/seed{run.seed}.tsv")]
-        pre = Path(f"benchmarks/pretrain/{run.dataset}_{run.trained_fusion}_{run.pretrain}.tsv")
-        if Path(pretrain_path(run.dataset, run.trained_fusion, run.pretrain)).exists() and pre.exists():
-            paths.append(pre)
+        paths = [Path(run.path("finetune_benchmark"))]
+        fields = {"dataset": run.dataset, "fusion": run.trained_fusion, "pretrain": run.pretrain}
+        if Path(template("pretrained", **fields)).exists():
+            paths.append(Path(template("pretrain_benchmark", **fields)))
         out[row["run_id"]] = [str(p) for p in paths if p.exists()]
     return out
 
 
-def write_tables(config: dict, table: str, metrics_paths: list[str], out_csv: str) -> pd.DataFrame:
-    frame = metrics_frame(metrics_paths)
+def _efficiency(config: dict, frame: pd.DataFrame, out_csv: str) -> pd.DataFrame:
     ev = config["evaluation"]
-    if table == "main":
-        return tables.main_table(frame, out_csv)
-    if table == "ablation":
-        return tables.ablation_table(frame, out_csv)
-    if table == "data_efficiency":
-        return tables.data_efficiency_table(frame, out_csv)
-    if table == "transfer":
-        return tables.transfer_table(frame, out_csv)
-    if table == "efficiency":
-        return tables.efficiency_table(frame, out_csv, rows=("fusion", "variant"), target_ap50=ev["target_ap50"],
-                                       target_epa=ev["target_epa"], benchmarks=_benchmarks(frame))
-    raise ConfigError(f"unknown table {table!r}; expected main, ablation, efficiency, data_efficiency or transfer")
+    return tables.efficiency_table(frame, out_csv, rows=("fusion", "variant"), target_ap50=ev["target_ap50"],
+                                   target_epa=ev["target_epa"], benchmarks=_benchmarks(frame))
+
+
+# One builder per name of contract.TABLES (tests/test_contract.py checks they agree).
+TABLE_BUILDERS = {
+    "main": lambda config, frame, out: tables.main_table(frame, out),
+    "ablation": lambda config, frame, out: tables.ablation_table(frame, out),
+    "efficiency": _efficiency,
+    "data_efficiency": lambda config, frame, out: tables.data_efficiency_table(frame, out),
+    "transfer": lambda config, frame, out: tables.transfer_table(frame, out),
+}
+
+
+def write_tables(config: dict, table: str, metrics_paths: list[str], out_csv: str) -> pd.DataFrame:
+    if table not in TABLE_BUILDERS:
+        raise ConfigError(f"unknown table {table!r}; expected one of {', '.join(TABLE_BUILDERS)}")
+    return TABLE_BUILDERS[table](config, metrics_frame(metrics_paths), out_csv)
 
 
 def _stage_logs(run: Run) -> pd.DataFrame:
@@ -70,32 +74,46 @@ def _select(frame: pd.DataFrame, mask, figure: str, what: str) -> pd.DataFrame:
 
 def _of_table(frame: pd.DataFrame, config: dict, table: str) -> pd.DataFrame:
     """The rows of the runs the groups of ``table`` name (other runs share fusion/variant labels)."""
-    ids = {r.metrics_path.removeprefix("results/metrics/").removesuffix(".json") for r in expand_runs(config, table)}
+    ids = {r.run_id for r in expand_runs(config, table)}
     return frame[frame["run_id"].isin(ids)]
 
 
-def write_figure(config: dict, figure: str, metrics_paths: list[str], out_png: str, cache_root: str) -> None:
-    frame = metrics_frame(metrics_paths)
+def _learning_curves(config, frame, out_png, cache_root):
     full = frame["label_fraction"] == 1.0
-    if figure == "learning_curves":
-        runs = _select(frame, full & (frame["fusion"] == frame["fusion"].mode().iloc[0]), figure, "full-label runs")
-        figures.learning_curves({row["variant"]: _stage_logs(_run_of(row)) for _, row in runs.iterrows()}, out_png)
-    elif figure == "gradient_conflict":
-        joint = _select(frame, full & (frame["recipe"] == "joint"), figure, "joint (balanced) runs")
-        joint = joint[joint["pretrain"] == joint["pretrain"].mode().iloc[0]]
-        figures.gradient_conflict({row["balancer"]: _stage_logs(_run_of(row)) for _, row in joint.iterrows()}, out_png)
-    elif figure == "ap_vs_time":
-        runs = _of_table(frame, config, "efficiency").copy()
-        runs["variant"] = runs["fusion"] + " " + runs["variant"]  # one line per configuration and seed
-        figures.ap_vs_time(runs, out_png)
-    elif figure == "data_efficiency":
-        figures.data_efficiency(_of_table(frame, config, "data_efficiency"), out_png)
-    elif figure == "trajectory_pretraining":
-        figures.trajectory_pretraining(_trajectory_pretraining_logs(config, frame), out_png)
-    elif figure == "qualitative_bev":
-        _qualitative(config, frame, out_png, cache_root)
-    else:
-        raise ConfigError(f"unknown figure {figure!r}")
+    runs = _select(frame, full & (frame["fusion"] == frame["fusion"].mode().iloc[0]), "learning_curves", "full-label runs")
+    figures.learning_curves({row["variant"]: _stage_logs(_run_of(row)) for _, row in runs.iterrows()}, out_png)
+
+
+def _gradient_conflict(config, frame, out_png, cache_root):
+    full = frame["label_fraction"] == 1.0
+    joint = _select(frame, full & (frame["recipe"] == "joint"), "gradient_conflict", "joint (balanced) runs")
+    joint = joint[joint["pretrain"] == joint["pretrain"].mode().iloc[0]]
+    figures.gradient_conflict({row["balancer"]: _stage_logs(_run_of(row)) for _, row in joint.iterrows()}, out_png)
+
+
+def _ap_vs_time(config, frame, out_png, cache_root):
+    runs = _of_table(frame, config, "efficiency").copy()
+    runs["variant"] = runs["fusion"] + " " + runs["variant"]  # one line per configuration and seed
+    figures.ap_vs_time(runs, out_png)
+
+
+# One builder per name of contract.FIGURES (tests/test_contract.py checks they agree).
+FIGURE_BUILDERS = {
+    "learning_curves": _learning_curves,
+    "gradient_conflict": _gradient_conflict,
+    "ap_vs_time": _ap_vs_time,
+    "data_efficiency": lambda config, frame, out_png, cache_root: figures.data_efficiency(
+        _of_table(frame, config, "data_efficiency"), out_png),
+    "qualitative_bev": lambda config, frame, out_png, cache_root: _qualitative(config, frame, out_png, cache_root),
+    "trajectory_pretraining": lambda config, frame, out_png, cache_root: figures.trajectory_pretraining(
+        _trajectory_pretraining_logs(config, frame), out_png),
+}
+
+
+def write_figure(config: dict, figure: str, metrics_paths: list[str], out_png: str, cache_root: str) -> None:
+    if figure not in FIGURE_BUILDERS:
+        raise ConfigError(f"unknown figure {figure!r}; expected one of {', '.join(FIGURE_BUILDERS)}")
+    FIGURE_BUILDERS[figure](config, metrics_frame(metrics_paths), out_png, cache_root)
 
 
 def _trajectory_pretraining_logs(config: dict, frame: pd.DataFrame) -> dict[str, Path]:
@@ -106,7 +124,7 @@ def _trajectory_pretraining_logs(config: dict, frame: pd.DataFrame) -> dict[str,
     if not runs:
         raise ConfigError("figure trajectory_pretraining: the experiment grid has no trajectory pretraining")
     return {f"{pretrain} ({pretraining_sources(config, pretrain)})" if fusion == "attfuse" else f"{fusion}/{pretrain}":
-            Path(pretrain_path(dataset, fusion, pretrain)).parent / "metrics.csv"
+            Path(pretrained_path(dataset, fusion, pretrain)).parent / "metrics.csv"
             for dataset, fusion, pretrain in sorted(runs)}
 
 

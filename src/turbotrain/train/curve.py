@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from turbotrain.data.sample import collate
 from turbotrain.evaluate.inference import Predictor, collect
 from turbotrain.evaluate.scoring import score_split
-from turbotrain.experiments import Run
+from turbotrain.contract import Run
 from turbotrain.train.checkpoint import load_checkpoint
 from turbotrain.train.distributed import unwrap_model
 from turbotrain.utils.atomic import write_json

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,7 @@ from turbotrain.train.distributed import (
 from turbotrain.train.scalars import ScalarLogger, progress_bar
 from turbotrain.train.schedule import build_warmup_cosine
 from turbotrain.utils.errors import ConfigError
-from turbotrain.utils.seed import seed_everything
+from turbotrain.utils.seed import seed_everything, seed_worker
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, Any]]
 CheckpointHook = Callable[[int, nn.Module], None]
@@ -193,13 +192,6 @@ class GlobalBatchSampler(Sampler[list[int]]):
         for micro in range(first, self.steps_per_epoch * self.accum_steps):
             start = micro * self.batch_size + self.rank * self.local_size
             yield order[start:start + self.local_size].tolist()
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; NumPy and `random` are derived from it.
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
 
 
 def _grouped(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -564,7 +556,7 @@ class Trainer:
         # An explicit generator keeps DataLoader from drawing worker seeds from the global torch RNG.
         generator = torch.Generator().manual_seed(mixed_seed(self.cfg.seed, p.epoch, WORKER_SEED_STREAM))
         return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                          num_workers=self.cfg.num_workers, worker_init_fn=_seed_worker,
+                          num_workers=self.cfg.num_workers, worker_init_fn=seed_worker,
                           generator=generator, pin_memory=self.ctx.device.type == "cuda")
 
     def run(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from turbotrain.experiments import Run
+from turbotrain.contract import Run
 from turbotrain.train.distributed import unwrap_model
 
 TASKS = ("detection", "prediction")
