@@ -401,3 +401,37 @@ def frozen_config_path(config: dict) -> str:
     if not path.exists():
         write_text(path, text)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- deleted inputs
+
+REBUILD_STAMP_DIR = ".turbotrain/stamps"
+
+
+def rebuild_stamp(product: str, inputs: list[str]) -> str:
+    """An extra input of ``product`` that makes Snakemake rebuild it when one of ``inputs`` was deleted.
+
+    Snakemake treats a deleted input of a finished job like a removed temporary file: it rebuilds
+    neither the input nor the job (`snakemake -n` says "Nothing to be done"). Each results product
+    (table, figure, metrics file, checkpoint) therefore also reads a stamp file: created with mtime 0
+    (older than anything), and touched to now when the product exists while an input is missing, which
+    makes the product out of date, so Snakemake rebuilds the missing input and then the product. The
+    set of inputs never changes, and once rebuilt the product is newer than its stamp again. (The
+    touch also rewrites the stamp's content: Snakemake ignores a newer input whose checksum it
+    recorded unchanged.)
+    Data products (raw data, fusion caches) get no stamp: raw archives are often deleted on purpose
+    once the cache is built.
+    """
+    import hashlib
+    import os
+    import time
+
+    stamp = Path(REBUILD_STAMP_DIR) / f"{hashlib.sha256(product.encode()).hexdigest()[:20]}.stamp"
+    if not stamp.exists():
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(f"{product}\n")
+        os.utime(stamp, (0, 0))
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if missing and os.path.exists(product):
+        stamp.write_text(f"{product}\nrebuild at {time.time()}: missing {', '.join(missing)}\n")
+    return str(stamp)

@@ -51,6 +51,11 @@ def depends(kind, *args):
     return C.depends_hash(getattr(C, f"{kind}_depends")(config, *args))
 
 
+def rebuild_stamp(product, inputs):
+    """Rebuild `product` when one of its `inputs` was deleted (see `contract.rebuild_stamp`)."""
+    return C.rebuild_stamp(product, [p for p in inputs if p])
+
+
 def generator_workers(dataset):
     return C.with_dataset(config, dataset)["dataset"]["synthetic_overrides"].get("workers", 1)
 

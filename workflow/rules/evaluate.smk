@@ -8,6 +8,7 @@ rule evaluate:
         checkpoint=lambda w: run_of(w).path("checkpoint"),
         summary=lambda w: run_of(w).path("summary"),
         test=cache_split(config["evaluation"]["split"]),
+        stamp=lambda w: rebuild_stamp(run_of(w).metrics_path, [run_of(w).path("checkpoint"), run_of(w).path("summary")]),
     output:
         path("metrics"),
     params:

@@ -10,6 +10,7 @@ rule finetune:
         # the training curve scores `evaluation.curve_samples` val samples at each checkpoint
         val=cache_split("val"),
         pretrained=pretrained_input,
+        stamp=lambda w: rebuild_stamp(run_of(w).path("checkpoint"), [pretrained_input(w)]),
     output:
         checkpoint=path("checkpoint"),
         summary=path("summary"),

@@ -5,7 +5,9 @@ rule table:
     conda:
         "../../environment.yml"
     input:
-        lambda w: [r.metrics_path for r in C.expand_runs(config, w.table)],
+        metrics=lambda w: [r.metrics_path for r in C.expand_runs(config, w.table)],
+        stamp=lambda w: rebuild_stamp(C.template("table", table=w.table),
+                                      [r.metrics_path for r in C.expand_runs(config, w.table)]),
     output:
         csv=report(C.PATHS["table"], category="Tables", caption="../report/table.rst"),
         md=C.PATHS["table_md"],
@@ -18,14 +20,15 @@ rule table:
     log:
         C.PATHS["table_log"],
     shell:
-        "turbotrain tables --config {resources.config_file} --table {wildcards.table} --metrics {input} --out {output.csv} > {log} 2>&1"
+        "turbotrain tables --config {resources.config_file} --table {wildcards.table} --metrics {input.metrics} --out {output.csv} > {log} 2>&1"
 
 
 rule figure:
     conda:
         "../../environment.yml"
     input:
-        [r.metrics_path for r in RUNS],
+        metrics=[r.metrics_path for r in RUNS],
+        stamp=lambda w: rebuild_stamp(C.template("figure", figure=w.figure), [r.metrics_path for r in RUNS]),
     output:
         report(C.PATHS["figure"], category="Figures", caption="../report/figure.rst"),
     params:
@@ -37,4 +40,4 @@ rule figure:
     log:
         C.PATHS["figure_log"],
     shell:
-        "turbotrain figures --config {resources.config_file} --figure {wildcards.figure} --metrics {input} --out {output} > {log} 2>&1"
+        "turbotrain figures --config {resources.config_file} --figure {wildcards.figure} --metrics {input.metrics} --out {output} > {log} 2>&1"
