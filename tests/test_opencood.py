@@ -82,10 +82,19 @@ def test_yaml_object_to_box_hand_made_case():
         "angle": [1.0, 90.0, -2.0], "speed": 36.0, "obj_type": "car",
     }
     obj = object_from_yaml(7, entry, "f.yaml")
-    # centre = location + center, sizes = 2 * half extents, yaw = radians(angle[1]); roll/pitch dropped
+    # centre = location + center, sizes = 2 * half extents, yaw = radians(angle[1]); roll dropped
     np.testing.assert_allclose(obj.box, [10.5, 4.75, 1.1, 4.5, 2.0, 1.5, np.pi / 2])
     assert obj.speed == pytest.approx(10.0)  # 36 km/h
     assert (obj.track_id, obj.obj_type) == (7, "car")
+    assert obj.pitch == pytest.approx(np.radians(-2.0))  # kept apart from the box: it tilts the forward axis
+
+
+def test_object_pitch_round_trips_and_roll_is_not_written():
+    obj = ObjectRecord(track_id=3, obj_type="car", box=np.array([1.0, 2.0, 40.0, 4.5, 1.9, 1.6, 0.3]), pitch=np.radians(4.0))
+    entry = opencood.object_to_yaml(obj)
+    assert entry["angle"] == pytest.approx([0.0, np.degrees(0.3), 4.0])
+    back = object_from_yaml(3, entry, "f.yaml")
+    assert back.pitch == pytest.approx(obj.pitch) and np.allclose(back.box, obj.box)
 
 
 def test_yaw_is_wrapped_to_minus_pi_pi():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +401,61 @@ def test_obj_type_names_accept_generator_types_only():
         resolve_config("smoke", {"obj_type_names": {"car": ""}})
     with pytest.raises(ConfigError, match="mapping"):
         resolve_config("smoke", {"obj_type_names": ["car"]})
+
+
+# ----------------------------------------------------------------------------- tilted sensors, lifted map
+
+TILT = {"sensor_tilt_deg": 5.0, "map_height": 40.0}
+
+
+@pytest.fixture(scope="module")
+def tilted_twins(tmp_path_factory) -> tuple[Path, Path]:
+    """One small scenario generated level and on a 40 m map with sensors tilted up to 5 degrees."""
+    level, tilted = tmp_path_factory.mktemp("level"), tmp_path_factory.mktemp("tilted")
+    overrides = {"splits": {"train": 1}, "frames": 4}
+    generate_dataset(level, "smoke", seed=SEED, overrides=overrides, progress=False)
+    generate_dataset(tilted, "smoke", seed=SEED, overrides={**overrides, **TILT}, progress=False)
+    return level, tilted
+
+
+def test_tilted_data_is_its_level_twin_seen_through_tilted_poses(tilted_twins):
+    level_root, tilted_root = tilted_twins
+    level, tilted = index_split(level_root, "train")[0], index_split(tilted_root, "train")[0]
+    assert level.agent_ids == tilted.agent_ids and level.timestamps == tilted.timestamps
+    tilts = []
+    for agent in level.agent_ids:
+        for ts in level.timestamps[agent]:
+            a, b = read_agent_frame(level, agent, ts), read_agent_frame(tilted, agent, ts)
+            assert np.allclose(b.lidar_pose[[0, 1, 4]], a.lidar_pose[[0, 1, 4]])
+            assert b.lidar_pose[2] == pytest.approx(a.lidar_pose[2] + 40.0)
+            assert np.all(np.abs(b.lidar_pose[[3, 5]]) <= 5.0)
+            tilts.append(b.lidar_pose[[3, 5]])
+            # the same returns in the map frame (points are in each sensor's tilted frame) ...
+            in_map_a = transform_points(a.points.astype(np.float64), pose_to_matrix(a.lidar_pose))
+            in_map_b = transform_points(b.points.astype(np.float64), pose_to_matrix(b.lidar_pose))
+            assert np.abs(in_map_b[:, :3] - in_map_a[:, :3] - [0, 0, 40.0]).max() < 1e-4
+            assert np.array_equal(a.points[:, 3], b.points[:, 3])
+            # ... and the same objects, 40 m up
+            assert [o.track_id for o in a.objects] == [o.track_id for o in b.objects]
+            for oa, ob in zip(a.objects, b.objects):
+                assert np.allclose(ob.box, oa.box + [0, 0, 40.0, 0, 0, 0, 0]) and ob.pitch == oa.pitch == 0.0
+            # the ground the sensor sees is at the map's height, although the sensor frame is tilted
+            ground = in_map_b[b.points[:, 2] < b.points[:, 2].min() + 0.5]
+            assert np.abs(np.median(ground[:, 2]) - 40.0) < 0.1
+    assert np.abs(np.array(tilts)).max() > 1.0  # the sensors are tilted indeed
+    tracks_a, tracks_b = read_trajectories(level), read_trajectories(tilted)
+    assert np.allclose(tracks_b.z, tracks_a.z + 40.0) and np.allclose(tracks_b.x, tracks_a.x)
+
+
+def test_tilt_settings_are_validated_and_off_by_default(tilted_twins):
+    assert (resolve_config("smoke").sensor_tilt_deg, resolve_config("smoke").map_height) == (0.0, 0.0)
+    with pytest.raises(ConfigError, match="sensor_tilt_deg"):
+        resolve_config("smoke", {"sensor_tilt_deg": 20.0})
+    with pytest.raises(ConfigError, match="map_height"):
+        resolve_config("smoke", {"map_height": "high"})
+    level_root, tilted_root = tilted_twins
+    level_config = json.loads((level_root / "synth_summary.json").read_text())["config"]
+    tilted_config = json.loads((tilted_root / "synth_summary.json").read_text())["config"]
+    # off: the summary is what it was before the settings existed; on: it records them
+    assert "sensor_tilt_deg" not in level_config and "map_height" not in level_config
+    assert (tilted_config["sensor_tilt_deg"], tilted_config["map_height"]) == (5.0, 40.0)

@@ -122,6 +122,13 @@ def test_main_table_states_sort_order(frame, tmp_path):
     assert row(table, variant="turbotrain")["min_fde_mean"] == pytest.approx(1.5)
     assert "map@0.3_mean" not in table.columns  # no run reports it
     assert "AP detections sorted: global" in (tmp_path / "main.md").read_text()
+    assert "Ground-truth boxes" not in (tmp_path / "main.md").read_text()  # the fixtures predate the rule
+
+
+def test_tables_say_which_ground_truth_range_rule_the_runs_used(frame, tmp_path):
+    ruled = frame.assign(gt_range_rule="all_corners")
+    main_table(ruled, tmp_path / "main.csv", experiment="main")
+    assert "Ground-truth boxes: all_corners inside the range" in (tmp_path / "main.md").read_text()
 
 
 def test_ablation_table_rows_pretrain_balancer_and_mask_ratio(frame, tmp_path):

@@ -8,6 +8,11 @@ Conventions (tested on hand-made cases in tests/test_geometry.py):
   With roll = pitch = 0 it is a rotation by ``yaw`` about +z followed by the translation.
 * A *box* is ``[x, y, z, l, w, h, yaw]`` with full sizes (the YAML ``extent`` holds half sizes) and
   yaw in **radians**, counter-clockwise about +z from +x, wrapped to [-pi, pi).
+* Moving a box to another frame moves its centre with the full transform and takes as its new yaw the
+  ground-plane direction of the object's forward axis (its +x, tilted by the object's pitch) after the
+  full rotation (:func:`heading_in_frame`), which is how OpenCOOD, V2X-Real and V2XPnP get a box's yaw
+  (``corner_to_center``'s ``arctan2`` of the length edges of the 8 projected corners). Under a tilted
+  ego that is not the object's yaw plus the transform's yaw.
 * ``T_a_to_b`` maps homogeneous points of frame a into frame b: ``p_b = T_a_to_b @ p_a``.
 """
 from __future__ import annotations
@@ -66,24 +71,63 @@ def wrap_angle(a):
     return (np.asarray(a) + np.pi) % (2 * np.pi) - np.pi
 
 
-def transform_boxes(boxes: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """Move boxes ``[x, y, z, l, w, h, yaw]`` by ``T`` (sizes unchanged, yaw rotated)."""
+def heading_in_frame(yaw, T: np.ndarray, pitch=0.0) -> np.ndarray:
+    """Yaw (radians) in frame b of objects with ``yaw`` and ``pitch`` (radians) in frame a, ``T = T_a_to_b``.
+
+    The forward axis ``(cos p cos y, cos p sin y, sin p)`` (the first column of :func:`pose_to_matrix`'s
+    rotation, which roll does not move) is rotated by ``T`` and its ground-plane direction taken.
+    """
+    yaw = np.asarray(yaw, dtype=np.float64)
+    pitch = np.broadcast_to(np.asarray(pitch, dtype=np.float64), yaw.shape)
+    cos_p = np.cos(pitch)
+    forward = np.stack([cos_p * np.cos(yaw), cos_p * np.sin(yaw), np.sin(pitch)], axis=-1)
+    moved = forward @ T[:3, :3].T
+    return wrap_angle(np.arctan2(moved[..., 1], moved[..., 0]))
+
+
+def is_level(T: np.ndarray) -> bool:
+    """``T`` rotates about +z only (no roll or pitch between the two frames)."""
+    return bool(T[2, 0] == 0.0 and T[2, 1] == 0.0)
+
+
+def transform_boxes(boxes: np.ndarray, T: np.ndarray, pitch=None) -> np.ndarray:
+    """Move boxes ``[x, y, z, l, w, h, yaw]`` by ``T``: centres by the full transform, sizes unchanged, yaw
+    by :func:`heading_in_frame` (``pitch``: the objects' pitch in radians, default level)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
     out = boxes.copy()
     out[:, :3] = boxes[:, :3] @ T[:3, :3].T + T[:3, 3]
-    out[:, 6] = wrap_angle(boxes[:, 6] + yaw_of(T))
+    if is_level(T) and not np.any(pitch):
+        # Same angle as heading_in_frame; the plain sum keeps level data bit-for-bit what it always was.
+        out[:, 6] = wrap_angle(boxes[:, 6] + yaw_of(T))
+    else:
+        out[:, 6] = heading_in_frame(boxes[:, 6], T, 0.0 if pitch is None else pitch)
     return out
 
 
-def transform_xy_yaw(traj: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """Move trajectory states ``[..., (x, y, yaw)]`` (ground plane) by ``T``."""
+def transform_xy_yaw(traj: np.ndarray, T: np.ndarray, z=0.0) -> np.ndarray:
+    """Move trajectory states ``[..., (x, y, yaw)]`` of level objects at height ``z`` (frame a) by ``T``.
+
+    ``z`` matters as soon as ``T`` tilts (``T[:2, 2] * z``); label tracks go through
+    :func:`transform_boxes` instead, with their boxes' full centres.
+    """
     traj = np.asarray(traj, dtype=np.float64)
+    z = np.broadcast_to(np.asarray(z, dtype=np.float64), traj.shape[:-1])
+    boxes = np.zeros(traj.shape[:-1] + (7,))
+    boxes[..., [0, 1, 6]] = traj
+    boxes[..., 2] = z
+    moved = transform_boxes(boxes.reshape(-1, 7), T).reshape(boxes.shape)
     out = traj.copy()
-    xy = traj[..., :2]
-    out[..., 0] = xy[..., 0] * T[0, 0] + xy[..., 1] * T[0, 1] + T[0, 3]
-    out[..., 1] = xy[..., 0] * T[1, 0] + xy[..., 1] * T[1, 1] + T[1, 3]
-    out[..., 2] = wrap_angle(traj[..., 2] + yaw_of(T))
+    out[..., :] = moved[..., [0, 1, 6]]
     return out
+
+
+def box_corners_3d(boxes: np.ndarray) -> np.ndarray:
+    """(M, 8, 3) corners of boxes ``[x, y, z, l, w, h, yaw]``: the BEV corners at the bottom, then the top."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    bev = np.concatenate([box_corners_bev(boxes)] * 2, axis=1)
+    half_height = boxes[:, 5:6] / 2.0
+    z = boxes[:, 2:3] + np.concatenate([-np.repeat(half_height, 4, axis=1), np.repeat(half_height, 4, axis=1)], axis=1)
+    return np.concatenate([bev, z[..., None]], axis=-1)
 
 
 def box_corners_bev(boxes: np.ndarray) -> np.ndarray:

@@ -15,9 +15,12 @@ frame, degrees), ``ego_speed`` (km/h), ``true_ego_pos``, ``predicted_ego_pos`` a
 {location, center, extent, angle, speed, obj_type}}``. Box conversion (OpenCOOD's
 ``project_world_objects``): the map-frame box is ``[location + center, 2 * extent,
 radians(angle[1])]`` -- ``center`` is an offset added in the *map* frame, ``extent`` holds half sizes,
-``angle`` is ``[roll, yaw, pitch]`` in degrees; roll and pitch are dropped. Speeds are km/h on disk and
-m/s in the records. The writer stores ``center = 0`` so the box centre is ``location``, and writes
-``lidar_pose`` into ``true_ego_pos`` / ``predicted_ego_pos`` (we keep no separate vehicle pose).
+``angle`` is ``[roll, yaw, pitch]`` in degrees. The pitch is kept (``ObjectRecord.pitch``, radians):
+it tilts the forward axis whose ground-plane direction is the box's yaw in an ego frame
+(:func:`turbotrain.geometry.heading_in_frame`); roll does not move that axis and is dropped. Speeds
+are km/h on disk and m/s in the records. The writer stores ``center = 0`` so the box centre is
+``location``, and writes ``lidar_pose`` into ``true_ego_pos`` / ``predicted_ego_pos`` (we keep no
+separate vehicle pose).
 ``ego_speed`` and an object's ``speed`` are optional on read (0 when absent); everything else is
 required.
 
@@ -136,8 +139,9 @@ def _number(value: Any, source: str, name: str, default: float = 0.0) -> float:
     return out
 
 
-def box_from_yaml_object(entry: dict, source: str, name: str) -> np.ndarray:
-    """Map-frame ``[x, y, z, l, w, h, yaw_rad]`` of one ``vehicles`` entry (see module docstring)."""
+def box_from_yaml_object(entry: dict, source: str, name: str) -> tuple[np.ndarray, float]:
+    """Map-frame ``[x, y, z, l, w, h, yaw_rad]`` of one ``vehicles`` entry and its pitch in radians
+    (see module docstring)."""
     location = _floats(entry.get("location"), 3, source, f"{name}.location", "[x, y, z]")
     center = _floats(entry.get("center"), 3, source, f"{name}.center", "[dx, dy, dz]")
     extent = _floats(entry.get("extent"), 3, source, f"{name}.extent", "[l/2, w/2, h/2]")
@@ -145,7 +149,7 @@ def box_from_yaml_object(entry: dict, source: str, name: str) -> np.ndarray:
         raise DataError(source, f"{name}.extent", "three positive half sizes", entry.get("extent"))
     angle = _floats(entry.get("angle"), 3, source, f"{name}.angle", "[roll, yaw, pitch] in degrees")
     yaw = float(wrap_angle(np.radians(angle[1])))
-    return np.concatenate([location + center, 2.0 * extent, [yaw]])
+    return np.concatenate([location + center, 2.0 * extent, [yaw]]), float(np.radians(angle[2]))
 
 
 def object_from_yaml(track_id: Any, entry: Any, source: str) -> ObjectRecord:
@@ -161,9 +165,9 @@ def object_from_yaml(track_id: Any, entry: Any, source: str) -> ObjectRecord:
     if not isinstance(obj_type, str) or not obj_type:
         got = MISSING if obj_type is None else obj_type
         raise DataError(source, f"{name}.obj_type", "a class name such as 'car'", got)
-    box = box_from_yaml_object(entry, source, name)
+    box, pitch = box_from_yaml_object(entry, source, name)
     speed = _number(entry.get("speed"), source, f"{name}.speed") / KMH_PER_MS
-    return ObjectRecord(track_id=track, obj_type=obj_type, box=box, speed=speed)
+    return ObjectRecord(track_id=track, obj_type=obj_type, box=box, speed=speed, pitch=pitch)
 
 
 def object_to_yaml(obj: ObjectRecord) -> dict:
@@ -173,7 +177,7 @@ def object_to_yaml(obj: ObjectRecord) -> dict:
         "location": box[:3].tolist(),
         "center": [0.0, 0.0, 0.0],
         "extent": (box[3:6] / 2.0).tolist(),
-        "angle": [0.0, float(np.degrees(box[6])), 0.0],
+        "angle": [0.0, float(np.degrees(box[6])), float(np.degrees(obj.pitch))],
         "speed": float(obj.speed) * KMH_PER_MS,
         "obj_type": obj.obj_type,
     }

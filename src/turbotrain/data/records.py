@@ -20,6 +20,7 @@ class ObjectRecord:
     obj_type: str
     box: np.ndarray  # (7,) map frame: x, y, z, l, w, h, yaw (rad)
     speed: float = 0.0  # m/s
+    pitch: float = 0.0  # rad, map frame (the YAML angle[2]): tilts the forward axis whose direction is the yaw in another frame
 
 
 @dataclass

@@ -9,7 +9,9 @@ Schema (``METRICS_SCHEMA``, checked on write and on read)::
               run_id: str (optional; joins Snakemake benchmark TSVs;
               defaults to the metrics file's path without '.json'),
               recipe, pretrain_type, pretrain_data: str (optional; what the run was fine-tuned with,
-              which pretraining objective and on which datasets, '+'-joined)},
+              which pretraining objective and on which datasets, '+'-joined),
+              gt_range_rule: str (optional; which boxes of the evaluation cache are ground truth,
+              its manifest's config.gt_range_rule)},
       "detection": output of evaluate_detection: {sort: "global"|"local", iou_thresholds: [..],
                    ap: {"0.5": {"car": x|null, ..}}, map: {"0.5": x|null}, num_gt: {..},
                    range: {"0-30m": {ap: .., map: ..}, ..}}           (may be {} for no detection)
@@ -38,7 +40,7 @@ from turbotrain.utils.errors import DataError
 SCHEMA_VERSION = 1
 RUN_NAME_KEYS = ("experiment", "variant", "dataset", "fusion", "pretrain", "balancer")
 RUN_KEYS = (*RUN_NAME_KEYS, "label_fraction", "seed", "mask_ratio")
-OPTIONAL_RUN_KEYS = ("recipe", "pretrain_type", "pretrain_data")
+OPTIONAL_RUN_KEYS = ("recipe", "pretrain_type", "pretrain_data", "gt_range_rule")
 TRAINING_KEYS = ("wall_s", "device", "epochs", "steps", "gpu_hours", "cpu_hours")
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -168,6 +170,7 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
     row["recipe"] = document["run"].get("recipe", "joint")
     row["pretrain_type"] = document["run"].get("pretrain_type", row["pretrain"])
     row["pretrain_data"] = document["run"].get("pretrain_data", "–" if row["pretrain"] == "none" else row["dataset"])
+    row["gt_range_rule"] = document["run"].get("gt_range_rule")
     detection = document["detection"]
     row.update(_flatten_ap(detection, suffix=""))
     for label, block in detection.get("range", {}).items():

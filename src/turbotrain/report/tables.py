@@ -121,8 +121,10 @@ def _select(frame: pd.DataFrame, experiment: str | None) -> pd.DataFrame:
 def _sort_note(frame: pd.DataFrame) -> str:
     modes = sorted(frame["ap_sort"].dropna().unique()) if "ap_sort" in frame.columns else []
     shown = "/".join(modes) if modes else "n/a"
-    return (f"AP detections sorted: {shown} (global = across the split; local = OpenCOOD per-frame order). "
-            "Mean ± sample std over seeds.")
+    rules = sorted(frame["gt_range_rule"].dropna().unique()) if "gt_range_rule" in frame.columns else []
+    ground_truth = f" Ground-truth boxes: {'/'.join(rules)} inside the range (dataset.gt_range_rule)." if rules else ""
+    return (f"AP detections sorted: {shown} (global = across the split; local = OpenCOOD per-frame order)."
+            f"{ground_truth} Mean ± sample std over seeds.")
 
 
 def _build_and_write(frame, rows, metrics, csv_path) -> pd.DataFrame:

@@ -50,6 +50,14 @@ def cache_grid(config: dict) -> Grid:
     return Grid.from_config(config["grid"])
 
 
+def gt_range_rule(config: dict) -> str:
+    """The ground-truth range rule of ``config["dataset"]`` (``auto``: that dataset's own)."""
+    from turbotrain.data.cache.labels import resolve_gt_range_rule
+
+    ds = config["dataset"]
+    return resolve_gt_range_rule(ds["name"], ds["source"], ds["gt_range_rule"])
+
+
 def fuse(config: dict, raw: str | Path, split: str, out_dir: str | Path) -> dict:
     from turbotrain.data.cache.builder import build_cache
 
@@ -61,7 +69,7 @@ def fuse(config: dict, raw: str | Path, split: str, out_dir: str | Path) -> dict
         max_points_per_voxel=g["max_points_per_voxel"], max_voxels=g["max_voxels"],
         sample_stride=c["sample_stride"], ego_types=tuple(c["ego_types"]),
         on_bad_frame=config["dataset"]["on_bad_frame"], label_fractions=tuple(c["label_fractions"]),
-        seed=config["seed"],
+        seed=config["seed"], gt_range_rule=gt_range_rule(config),
     )
 
 

@@ -19,8 +19,8 @@ def evaluate(config: dict, run: Run, checkpoint: str, cache_root: str, out_path:
     model = build_model(config, run.fusion)
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     predict = Predictor(model, config["evaluation"], device_of(config))
-    det_frames, pred_frames = collect(predict, evaluation_dataset(config, cache_root, run.fusion), run.fusion,
-                                      config["evaluation"])
+    dataset = evaluation_dataset(config, cache_root, run.fusion)
+    det_frames, pred_frames = collect(predict, dataset, run.fusion, config["evaluation"])
     detection, prediction = score_split(det_frames, pred_frames, config)
     training = _training_record(Path(checkpoint).parent)
     variant = config["pretrain"]["variants"][run.pretrain]
@@ -31,6 +31,7 @@ def evaluate(config: dict, run: Run, checkpoint: str, cache_root: str, out_path:
         "mask_ratio": variant["mask_ratio"] if variant["type"] in LIDAR_TYPES else None,
         "pretrain_type": variant["type"], "pretrain_data": pretraining_sources(config, run.pretrain),
         "run_id": run.run_id,
+        "gt_range_rule": dataset.manifest["config"]["gt_range_rule"],
     }
     write_metrics(out_path, run_record, detection, prediction, training)
     return {"detection": detection["map"], "prediction": {k: prediction[k] for k in ("min_ade", "min_fde", "mr", "epa")}}

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from turbotrain.data.cache.format import (AGENT_TYPE_NAMES, CACHE_FORMAT_VERSION, MANIFEST_NAME, CacheConfig,
                                           cache_config_digest, fraction_key, shard_arrays, concat_or_empty, ragged_offsets)
-from turbotrain.data.cache.labels import LabelMaker, Labels, object_union
+from turbotrain.data.cache.labels import DEFAULT_RULE, LabelMaker, Labels, object_union
 from turbotrain.data.records import INFRASTRUCTURE, VEHICLE, AgentFrameRecord, ScenarioIndex
 from turbotrain.data.voxelize import Voxelizer, sort_voxels
 from turbotrain.geometry import relative_transform
@@ -49,6 +49,7 @@ def build_cache(
     on_bad_frame: str = "error",
     label_fractions: Sequence[float] = (0.2, 0.5, 1.0),
     seed: int = 0,
+    gt_range_rule: str = DEFAULT_RULE,
     shard_size: int = 256,
     progress: bool = True,
 ) -> dict:
@@ -63,7 +64,7 @@ def build_cache(
         history=history, future=future, grid=grid, classes=tuple(classes), comm_range=float(comm_range),
         class_map=dict(class_map or {}), max_agents=max_agents, max_points_per_voxel=max_points_per_voxel,
         max_voxels=max_voxels, sample_stride=sample_stride, ego_types=tuple(ego_types),
-        on_bad_frame=on_bad_frame, label_fractions=tuple(label_fractions), seed=seed,
+        on_bad_frame=on_bad_frame, label_fractions=tuple(label_fractions), seed=seed, gt_range_rule=gt_range_rule,
     )
     split_dir = Path(out_dir) / split
     # A previous manifest would vouch for files this run is about to replace.
@@ -226,7 +227,7 @@ class _CacheBuilder:
         self.split_dir = split_dir
         self.voxelizer = voxelizer
         self.shard_size = shard_size
-        self.labels = LabelMaker(config.grid, config.classes, config.class_map)
+        self.labels = LabelMaker(config.grid, config.classes, config.class_map, config.gt_range_rule)
         self.ego_types = {AGENT_TYPE_NAMES[name] for name in config.ego_types}
         self.pending: list[SampleRecord] = []
         self.sample_ids: list[str] = []

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from turbotrain.data.cache.labels import DEFAULT_RULE, GT_RANGE_RULES
 from turbotrain.data.records import INFRASTRUCTURE, VEHICLE
 from turbotrain.grid import Grid
 from turbotrain.utils.errors import DataError
@@ -33,7 +34,9 @@ from turbotrain.utils.hashing import canonical_sha256, sha256_file
 if TYPE_CHECKING:
     from turbotrain.data.cache.builder import SampleRecord
 
-CACHE_FORMAT_VERSION = 1
+# 2: track states are the label boxes' centres and yaws under tilt (z and pitch included), box yaw is the
+# direction of the pitched forward axis in the ego frame, and the ground-truth range rule is a setting.
+CACHE_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 AGENT_TYPE_NAMES = {"vehicle": VEHICLE, "infrastructure": INFRASTRUCTURE}
 _MANIFEST_KEYS = ("format_version", "config", "config_hash", "sample_ids", "shards", "frame_stores", "files", "label_fractions")
@@ -57,6 +60,7 @@ class CacheConfig:
     on_bad_frame: str = "error"
     label_fractions: tuple[float, ...] = (0.2, 0.5, 1.0)
     seed: int = 0
+    gt_range_rule: str = DEFAULT_RULE  # which boxes are ground truth (labels.GT_RANGE_RULES); the tables report it
 
     def __post_init__(self):
         if self.history < 1 or self.future < 0:
@@ -68,6 +72,8 @@ class CacheConfig:
             raise ValueError(f"ego_types must be a non-empty subset of {sorted(AGENT_TYPE_NAMES)}, got {self.ego_types}")
         if any(not 0 < f <= 1 for f in self.label_fractions):
             raise ValueError(f"label fractions must lie in (0, 1], got {self.label_fractions}")
+        if self.gt_range_rule not in GT_RANGE_RULES:
+            raise ValueError(f"gt_range_rule must be one of {list(GT_RANGE_RULES)}, got {self.gt_range_rule!r}")
 
     def to_json(self) -> dict:
         """JSON-ready form, stored in the manifest (sorted containers, so equal configs hash equally)."""

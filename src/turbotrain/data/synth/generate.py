@@ -14,6 +14,15 @@ Determinism: every scenario draws from its own ``np.random.SeedSequence(seed, sp
 by split name and index, split into independent streams for layout, traffic and sensor noise, so
 the same seed gives byte-identical files whatever the number of workers, and changing a sensor
 setting leaves the traffic unchanged.
+
+Tilt and map height (both off by default) make the data look like real V2X-Real / V2XPnP-Seq poses:
+``sensor_tilt_deg`` mounts every LiDAR with a roll and a pitch drawn uniformly in
+``[-sensor_tilt_deg, sensor_tilt_deg]`` (per sensor, from a stream of its own, so the scene and the
+noise do not change), and ``map_height`` lifts the map frame's ground to that height. The written
+``lidar_pose`` carries the roll, pitch and height, the objects' ``location`` the height, and every
+point is expressed in its sensor's tilted frame. The beam pattern is cast level (as from a
+self-levelling mount) and the returns are then rotated into the tilted frame, so a tilted dataset is
+its untilted twin's world seen through other poses, exactly; the ray caster stays level-only.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from turbotrain.data.records import AgentFrameRecord, ObjectRecord
 from turbotrain.data.synth.lidar import BUILDING, MATERIAL_OF_TYPE, LidarSpec, scan
 from turbotrain.data.synth.scene import Scene, SceneParams, build_scene, stratified_kinds
 from turbotrain.data.synth.traffic import OBJECT_SIZES, Actor, TrafficParams, TrafficSimulator
+from turbotrain.geometry import pose_to_matrix
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.errors import ConfigError
 
@@ -46,6 +56,10 @@ SUMMARY_FILE = "synth_summary.json"
 # ~6-7k returns per sweep: dense enough for 0.1 m voxels near the sensor, light enough for CPU training.
 VEHICLE_LIDAR = {"beams": 16, "vertical_fov": (-15.0, 5.0), "horizontal_resolution": 0.8, "max_range": 100.0}
 INFRASTRUCTURE_LIDAR = {"beams": 24, "vertical_fov": (-25.0, 3.0), "horizontal_resolution": 1.0, "max_range": 120.0}
+MAX_SENSOR_TILT_DEG = 10.0  # "a few degrees", as real mounts and road grades give
+# Generation settings added after data was first generated: the summary lists them only when set, so
+# data generated without them stays byte-identical, summary included.
+MOUNT_DEFAULTS = {"sensor_tilt_deg": 0.0, "map_height": 0.0}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds to generate: unit and integration tests.
@@ -76,6 +90,8 @@ BASE_CONFIG: dict[str, Any] = {
     "vehicle_lidar": VEHICLE_LIDAR,
     "infrastructure_lidar": INFRASTRUCTURE_LIDAR,
     "obj_type_names": {},  # generator type (car | truck | pedestrian) -> the obj_type written; default: itself
+    "sensor_tilt_deg": 0.0,  # each LiDAR's roll and pitch are drawn in [-this, this] degrees
+    "map_height": 0.0,  # metres: the map frame's ground height (real maps sit tens of metres up)
 }
 
 
@@ -101,6 +117,8 @@ class GenerationConfig:
     vehicle_lidar: LidarSpec
     infrastructure_lidar: LidarSpec
     obj_type_names: dict[str, str] = dataclasses.field(default_factory=dict)
+    sensor_tilt_deg: float = 0.0
+    map_height: float = 0.0
 
     def written_type(self, obj_type: str) -> str:
         """The ``obj_type`` the files carry for a generator type."""
@@ -132,8 +150,23 @@ def resolve_config(preset: str | dict = "smoke", overrides: dict | None = None) 
     return GenerationConfig(
         splits=splits, frames=int(merged["frames"]), warmup_s=float(merged["warmup_s"]),
         object_range=float(merged["object_range"]), binary_pcd=bool(merged["binary_pcd"]),
-        workers=max(int(merged["workers"]), 1), obj_type_names=_obj_type_names(merged["obj_type_names"]), **values,
+        workers=max(int(merged["workers"]), 1), obj_type_names=_obj_type_names(merged["obj_type_names"]),
+        **_mount(merged), **values,
     )
+
+
+def _mount(merged: dict) -> dict[str, float]:
+    """Validated ``sensor_tilt_deg`` (0 .. MAX_SENSOR_TILT_DEG) and ``map_height`` (finite metres)."""
+    try:
+        tilt, height = float(merged["sensor_tilt_deg"]), float(merged["map_height"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sensor_tilt_deg and map_height: expected numbers, got {merged['sensor_tilt_deg']!r}, "
+                          f"{merged['map_height']!r}") from err
+    if not 0.0 <= tilt <= MAX_SENSOR_TILT_DEG:
+        raise ConfigError(f"sensor_tilt_deg: expected 0 .. {MAX_SENSOR_TILT_DEG} degrees, got {tilt}")
+    if not np.isfinite(height):
+        raise ConfigError(f"map_height: expected a finite height in metres, got {height}")
+    return {"sensor_tilt_deg": tilt, "map_height": height}
 
 
 def _obj_type_names(names: Any) -> dict[str, str]:
@@ -182,6 +215,9 @@ def config_to_dict(config: GenerationConfig) -> dict:
     """
     values = dataclasses.asdict(config)
     values.pop("workers")
+    for key, default in MOUNT_DEFAULTS.items():
+        if values[key] == default:
+            values.pop(key)
     return values
 
 
@@ -197,15 +233,23 @@ class SensorAgent:
     height: float
     site: np.ndarray | None = None
     vehicle: Actor | None = None
+    tilt_deg: tuple[float, float] = (0.0, 0.0)  # mount roll, pitch
 
     def pose(self) -> np.ndarray:
-        """OpenCOOD ``[x, y, z, roll, yaw, pitch]`` (degrees) in the map frame."""
+        """Level OpenCOOD ``[x, y, z, roll, yaw, pitch]`` (degrees) over the ground ``z = 0``: what the
+        ray caster scans from (the written pose is :meth:`mounted_pose`)."""
         if self.vehicle is not None:
             box = self.vehicle.box()
             x, y, yaw = box[0], box[1], box[6]
         else:
             x, y, yaw = self.site
         return np.array([x, y, self.height, 0.0, np.degrees(yaw), 0.0])
+
+    def mounted_pose(self, level_pose: np.ndarray, map_height: float) -> np.ndarray:
+        """The pose the files carry: ``level_pose`` with the mount's roll and pitch, lifted by ``map_height``."""
+        x, y, z, _, yaw, _ = level_pose
+        roll, pitch = self.tilt_deg
+        return np.array([x, y, z + map_height, roll, yaw, pitch])
 
     def speed(self) -> float:
         return 0.0 if self.vehicle is None else float(self.vehicle.v)
@@ -231,6 +275,39 @@ def place_agents(
         vehicle = sim.add_connected_vehicle(track_id=i + 1, horizon_s=horizon)
         agents.append(SensorAgent(i + 1, config.vehicle_lidar, config.agents.roof_height, vehicle=vehicle))
     return agents
+
+
+def tilt_sensors(agents: list[SensorAgent], max_tilt_deg: float, rng: np.random.Generator) -> None:
+    """Give every sensor a mount roll and pitch in ``[-max_tilt_deg, max_tilt_deg]`` (nothing drawn at 0)."""
+    if max_tilt_deg <= 0.0:
+        return
+    for agent in agents:
+        roll, pitch = rng.uniform(-max_tilt_deg, max_tilt_deg, 2)
+        agent.tilt_deg = (float(roll), float(pitch))
+
+
+def mounted_frame(
+    agent: SensorAgent, level_pose: np.ndarray, cloud: np.ndarray, map_height: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The written pose and the level scan's points rotated into that (tilted) sensor frame.
+
+    Both frames share the sensor's origin, so the points turn by the rotation between them; the map
+    height moves poses and objects alike and no sensor-frame point.
+    """
+    pose = agent.mounted_pose(level_pose, map_height)
+    if agent.tilt_deg == (0.0, 0.0):
+        return pose, cloud
+    level_to_mounted = pose_to_matrix(pose)[:3, :3].T @ pose_to_matrix(level_pose)[:3, :3]
+    out = cloud.copy()
+    out[:, :3] = (cloud[:, :3].astype(np.float64) @ level_to_mounted.T).astype(np.float32)
+    return pose, out
+
+
+def lifted(objects: list[ObjectRecord], map_height: float) -> list[ObjectRecord]:
+    """The objects in the map frame whose ground is at ``map_height``."""
+    if map_height == 0.0:
+        return objects
+    return [dataclasses.replace(o, box=o.box + np.array([0, 0, map_height, 0, 0, 0, 0])) for o in objects]
 
 
 def renamed(objects: list[ObjectRecord], config: GenerationConfig) -> list[ObjectRecord]:
@@ -289,7 +366,8 @@ def generate_scenario(
     progress: bool = False,
 ) -> dict:
     """Simulate and write one scenario; returns its summary (name, kind, agents, frames, points)."""
-    layout_seq, traffic_seq, sensor_seq = scenario_seed(seed, split, index).spawn(3)
+    # spawn(4) gives the same first three children as spawn(3): the mount stream came later.
+    layout_seq, traffic_seq, sensor_seq, mount_seq = scenario_seed(seed, split, index).spawn(4)
     layout_rng, traffic_rng, sensor_rng = (np.random.default_rng(s) for s in (layout_seq, traffic_seq, sensor_seq))
     scene = build_scene(config.scene, layout_rng, kind)
     name = f"{scenario_prefix(index)}{scene.kind}"
@@ -298,14 +376,16 @@ def generate_scenario(
     sim.populate()
     sim.warm_up(config.warmup_s)
     agents = place_agents(config, scene, sim, layout_rng)
+    tilt_sensors(agents, config.sensor_tilt_deg, np.random.default_rng(mount_seq))
     rows, points, labels = [], 0, 0
     for frame in tqdm(range(config.frames), desc=f"{split}/{name}", leave=False, disable=not progress):
         timestamp = f"{frame:06d}"
         objects = sim.snapshot()
         for agent in agents:
-            pose = agent.pose()
-            cloud = scan_frame(agent, pose, objects, scene.buildings, sensor_rng)
-            near = renamed(objects_near(objects, agent, pose, config.object_range), config)
+            level_pose = agent.pose()
+            cloud = scan_frame(agent, level_pose, objects, scene.buildings, sensor_rng)
+            pose, cloud = mounted_frame(agent, level_pose, cloud, config.map_height)
+            near = renamed(lifted(objects_near(objects, agent, level_pose, config.object_range), config.map_height), config)
             record = AgentFrameRecord(
                 scenario=name, agent_id=agent.agent_id, timestamp=timestamp, lidar_pose=pose,
                 points=cloud, objects=near, ego_speed=agent.speed(),
@@ -313,7 +393,7 @@ def generate_scenario(
             write_agent_frame(root, split, record, binary=config.binary_pcd)
             points += len(cloud)
             labels += len(near)
-        rows += track_rows(renamed(objects, config), timestamp)
+        rows += track_rows(renamed(lifted(objects, config.map_height), config), timestamp)
         sim.step()
     write_scenario_meta(root, split, name, rows, scene.lanes)
     return {
