@@ -5,7 +5,9 @@
 import os
 import re
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from turbotrain.config import validate_config
 
 min_version("9.0")
 
@@ -13,7 +15,10 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# The schema (workflow/schemas/config.schema.yaml) fills defaults and rejects unknown keys; our
+# validator rather than snakemake.utils.validate, whose error prints the whole schema (1000+ lines)
+# where ours names the key, what was expected and the allowed keys.
+validate_config(config, "snakemake config")
 
 
 include: "workflow/rules/common.smk"
@@ -29,3 +34,7 @@ rule all:
         table_targets(),
         figure_targets(),
         path("sample_figure"),
+
+
+onstart:
+    require_cluster_tools(workflow.executor_plugin)

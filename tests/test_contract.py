@@ -53,11 +53,12 @@ def test_the_cli_offers_the_contracts_names():
     assert choices["balancer"] == list(C.BALANCERS)
 
 
-def test_the_committed_dvc_yaml_is_the_generated_one(config):
-    from turbotrain.dvc import render
+def test_the_committed_dvc_pipeline_is_the_generated_one(config):
+    from turbotrain.dvc import render, render_params
 
-    assert (REPO_ROOT / "dvc.yaml").read_text() == render(config, "config/config.yaml"), (
-        "dvc.yaml is stale: run `turbotrain dvc-yaml --config config/config.yaml --out dvc.yaml`")
+    stale = "stale: run `turbotrain dvc-yaml --config config/config.yaml`"
+    assert (REPO_ROOT / "dvc.yaml").read_text() == render(config, ["config/config.yaml"]), f"dvc.yaml is {stale}"
+    assert (REPO_ROOT / "params.yaml").read_text() == render_params(config, ["config/config.yaml"]), f"params.yaml is {stale}"
 
 
 def test_a_run_fills_every_path_template_once():
@@ -99,7 +100,8 @@ def test_each_product_depends_on_exactly_what_changes_it(config):
 
     # the training curve is scored with the evaluation thresholds: fine-tuning depends on them
     assert affected("evaluation.score_threshold", 0.3) == {"finetune", "evaluate", "table"}
-    assert affected("evaluation.miss_threshold", 5.0) == {"finetune", "evaluate", "table"}
+    assert affected("evaluation.miss_threshold", 5.0) == {"evaluate", "table"}
+    assert affected("evaluation.range_bins", [[0, 50]]) == {"evaluate", "table"}
     assert affected("evaluation.split", "val") == {"evaluate", "table"}
     assert affected("evaluation.target_ap50", 0.4) == {"table"}
     assert affected("cache.sample_stride", 3) == {"cache"}

@@ -1,10 +1,11 @@
 """DVC round trip on the smoke configuration: repro -> push -> fresh clone -> pull -> nothing reruns
--> one parameter changes -> only the stages that depend on it rerun.
+-> one parameter changes -> only the stages that depend on it rerun; a deleted product is rebuilt.
 
-Runs in a throw-away git repository holding a copy of the working tree whose config/config.yaml is
-the smoke configuration (DVC reads its params from that file). The remote is the repository's
-default one, `../turbotrain-dvc-remote` next to the checkout, so clones made next to the project
-share it with no configuration, as they would on a workstation.
+Runs in a throw-away git repository holding a copy of the working tree whose DVC pipeline is the
+smoke configuration's, generated the documented way (`turbotrain dvc-yaml --config
+config/config.yaml --config config/smoke.yaml`: dvc.yaml plus the merged params.yaml). The remote is
+the repository's default one, `../turbotrain-dvc-remote` next to the checkout, so clones made next
+to the project share it with no configuration, as they would on a workstation.
 """
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.utils import update_config
 
 from pipeline_helpers import SMOKE_CONFIG, Finished, copy_repo, run_command
 from turbotrain.utils.atomic import write_yaml
 
 # The round trip covers the whole smoke DAG (the smoke grid pretrains on the extra dataset too).
-DVC_STAGES = ("raw-synthetic_smoke", "cache-synthetic_smoke", "raw-synthetic_b", "cache-synthetic_b", "results")
-SNAKEMAKE_TARGETS = ("all",)
+DVC_STAGES = ("params", "raw-synthetic_smoke", "cache-synthetic_smoke", "raw-synthetic_b", "cache-synthetic_b",
+              "results")
+SNAKEMAKE_TARGETS = ("all", "--configfile", "params.yaml")
 # A parameter only the final evaluation depends on (not the training curves): DVC reruns `results`,
 # in which Snakemake re-evaluates the trained checkpoints without retraining them, and nothing upstream.
 CHANGED_SECTION, CHANGED_KEY, NEW_VALUE = "evaluation", "miss_threshold", 3.0
-RERUN_STAGE, KEPT_STAGES = "results", DVC_STAGES[:4]
+RERUN_STAGE, KEPT_STAGES = "results", DVC_STAGES[1:5]
 GIT_IDENTITY = ["-c", "user.name=turbotrain-test", "-c", "user.email=test@turbotrain.invalid"]
 
 
@@ -39,14 +40,9 @@ def dvc(repo: Path, *args: str) -> Finished:
     return done
 
 
-def install_smoke_config(project: Path) -> None:
-    """Make the smoke configuration the project's config, merged the way Snakemake merges it, and
-    generate its dvc.yaml (the committed one is config/config.yaml's)."""
-    config_path = project / "config" / "config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    update_config(config, yaml.safe_load((project / SMOKE_CONFIG).read_text()))
-    write_yaml(config_path, config)
-    done = run_command(["turbotrain", "dvc-yaml", "--config", "config/config.yaml", "--out", "dvc.yaml"], project)
+def install_smoke_pipeline(project: Path) -> None:
+    """The DVC pipeline of the smoke configuration, generated as the README documents."""
+    done = run_command(["turbotrain", "dvc-yaml", "--config", "config/config.yaml", "--config", SMOKE_CONFIG], project)
     assert done.returncode == 0, done.output
 
 
@@ -65,7 +61,7 @@ def commit_lock(repo: Path, message: str) -> None:
     """Commit dvc.lock and the .gitignore entries DVC adds for its outputs."""
     new_ignores = [p for p in git(repo, "ls-files", "--others", "--exclude-standard").split() if
                    Path(p).name == ".gitignore"]
-    git(repo, "add", "dvc.lock", *new_ignores)
+    git(repo, "add", "dvc.lock", "params.yaml", *new_ignores)
     git(repo, "commit", "-q", "-m", message)
 
 
@@ -82,7 +78,7 @@ def ran_stages(repro: Finished) -> set[str]:
 def published(tmp_path_factory) -> Path:
     """A project whose smoke data DVC built and pushed to the default remote."""
     project = copy_repo(tmp_path_factory.mktemp("dvc") / "project")
-    install_smoke_config(project)
+    install_smoke_pipeline(project)
     git(project, "init", "-q")
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "smoke project")
@@ -119,6 +115,9 @@ def test_changed_param_reruns_only_dependent_stages(pulled_clone):
     edit_param(pulled_clone, CHANGED_SECTION, CHANGED_KEY, NEW_VALUE)
 
     status = dvc(pulled_clone, "status", *DVC_STAGES).output
+    assert "params:" in status and not any(f"{k}:" in status for k in (*KEPT_STAGES, RERUN_STAGE)), status
+    dvc(pulled_clone, "repro", "params")  # the edited config file reaches params.yaml
+    status = dvc(pulled_clone, "status", *DVC_STAGES).output
     assert f"{RERUN_STAGE}:" in status and not any(f"{k}:" in status for k in KEPT_STAGES), status
     repro = dvc(pulled_clone, "repro", *DVC_STAGES)
     assert ran_stages(repro) == {RERUN_STAGE}
@@ -136,6 +135,22 @@ def test_changed_param_reruns_only_dependent_stages(pulled_clone):
 def test_an_extra_datasets_seed_marks_its_data_and_the_results_as_changed(pulled_clone):
     """Pretraining reads the extra dataset: a new seed for it must rerun `results`, not only its data."""
     edit_param(pulled_clone, "extra_datasets", "synthetic_b.seed", 7)
+    dvc(pulled_clone, "repro", "params")
     status = dvc(pulled_clone, "status", *DVC_STAGES).output
     assert all(f"{stage}:" in status for stage in ("raw-synthetic_b", "cache-synthetic_b", "results")), status
     assert not any(f"{stage}:" in status for stage in ("raw-synthetic_smoke", "cache-synthetic_smoke")), status
+
+
+@pytest.mark.slow
+def test_a_deleted_product_is_rebuilt_and_versioned_again(pulled_clone):
+    """Snakemake ignores a finished job's deleted input; the rebuild stamps make `dvc repro` (which
+    sees the missing output) get it rebuilt, so dvc.lock never records the deletion."""
+    victim = next((pulled_clone / "results" / "metrics").rglob("seed0.json"))
+    victim.unlink()
+    dry = run_command(["snakemake", "-n", "all", "--configfile", "params.yaml"], pulled_clone)
+    assert "evaluate" in dry.output and "Nothing to be done" not in dry.output, dry.output[-3000:]
+    repro = dvc(pulled_clone, "repro", *DVC_STAGES)
+    assert ran_stages(repro) == {RERUN_STAGE} and "rule evaluate:" in repro.output
+    assert victim.exists()
+    assert "rule finetune:" not in repro.output  # only the deleted product and what reads it
+    assert "Data and pipelines are up to date" in dvc(pulled_clone, "status", *DVC_STAGES).output

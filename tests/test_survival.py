@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,6 +155,9 @@ def test_corrupted_point_cloud_fails_only_its_branch(smoke_data, tmp_path):
 
     assert done.returncode != 0, done.output
     assert "Error in rule fuse" in done.output and "split=test" in done.output, done.output
+    # the error itself (file and field) is on the terminal, not only in the job's log
+    assert f"--- last lines of logs/fuse/{DATASET}_test.log ---" in done.output, done.output[-3000:]
+    assert str(victim.relative_to(pipe.workdir / RAW)) in done.output, done.output[-3000:]
     fuse_log = pipe.path(f"logs/fuse/{DATASET}_test.log").read_text()
     assert str(victim.relative_to(pipe.workdir / RAW)) in fuse_log, fuse_log
     assert "pcd" in fuse_log.lower(), fuse_log
@@ -169,8 +175,10 @@ def test_config_typo_fails_in_validation_before_any_job(tmp_path):
     for extra in (["-n"], []):  # a dry run, and a real one that must not start a job either
         done = pipe.run("all", extra=extra)
         assert done.returncode != 0, done.output
-        assert "Error validating config file" in done.output and TYPO in done.output, done.output
+        assert "invalid configuration" in done.output and TYPO in done.output, done.output
+        assert "allowed keys:" in done.output and "voxel_size" in done.output, done.output
         assert "Job stats" not in done.output, done.output
+        assert len(done.output.splitlines()) < 30, done.output  # the key, not a dump of the schema
     assert not any(pipe.path(folder).exists() for folder in ("data", "logs", "runs", "results"))
 
 
@@ -187,3 +195,59 @@ def test_config_typo_fails_the_cli_naming_the_key(tmp_path):
     assert "invalid configuration" in done.output and "grid: Additional properties" in done.output, done.output
     assert TYPO in done.output, done.output
     assert not (workdir / "data").exists()
+
+
+def test_a_failure_a_retry_cannot_fix_is_not_retried_and_each_attempt_keeps_its_log(smoke_data, tmp_path):
+    """A job-time config error (a trajectory window longer than the cached tracks) with `--retries 2`:
+    attempt 1 fails with the error, attempts 2 and 3 end at once naming it, and every log survives."""
+    pipe = smoke_data.clone(tmp_path / "retries")
+    write_yaml(pipe.path("window.yaml"), {"pretrain": {"variants": {"trajectory": {"trajectory": {"window": 6}}}}})
+    pipe.configfiles = [*pipe.configfiles, "window.yaml"]
+    target = f"runs/pretrain/{DATASET}/attfuse/trajectory/pretrained.pt"
+    done = pipe.run(target, extra=["--retries", "2"])
+    assert done.returncode != 0
+    log = pipe.path(f"logs/pretrain/{DATASET}/attfuse/trajectory.log")
+    first = Path(f"{log}.attempt1").read_text()
+    assert "trajectory.window" in first, first[-2000:]
+    for text in (Path(f"{log}.attempt2").read_text(), log.read_text()):
+        assert "not retried" in text and "attempt 1 of this same command failed" in text, text[-2000:]
+        assert "Traceback" not in text  # no model was built: the retry ended at once
+    assert "trajectory.window" in done.output  # the error on the terminal
+
+
+def test_a_local_datasets_cache_follows_its_files(smoke_data, tmp_path):
+    """`source: local`: a label file fixed by hand or a new scenario folder reruns the fusion job."""
+    pipe = smoke_data.clone(tmp_path / "local")
+    local = pipe.path("unpacked")
+    shutil.copytree(pipe.path(RAW), local)
+    write_yaml(pipe.path("local.yaml"), {"dataset": {"name": "mylocal", "source": "local", "local_path": str(local)},
+                                         "extra_datasets": {}, "experiments": {"groups": []}})
+    pipe.configfiles = [*pipe.configfiles, "local.yaml"]
+    target = "data/cache/mylocal/val"
+    assert pipe.run(target).returncode == 0
+    assert "Nothing to be done" in pipe.run(target, extra=["-n"]).output
+
+    label = next(local.glob("val/*/*/*.yaml"))
+    label.write_text(label.read_text() + "\n")  # a hand edit deep inside the folder
+    assert "fuse" in pipe.run(target, extra=["-n"]).output.split("Job stats:")[-1]
+    assert pipe.run(target).returncode == 0
+    shutil.copytree(next(local.glob("val/*")), local / "val" / "added_scenario")
+    assert "fuse" in pipe.run(target, extra=["-n"]).output.split("Job stats:")[-1]
+
+
+def test_the_slurm_profile_without_slurm_says_so(smoke_data, tmp_path):
+    """`snakemake --profile slurm` where no SLURM client is installed: one clear line, no job."""
+    pipe = smoke_data.clone(tmp_path / "noslurm")
+    tools = pipe.path("tools")
+    tools.mkdir()
+    for tool in ("bash", "sh", "env", "cat", "git", "python3", "uname"):  # what snakemake itself runs
+        found = shutil.which(tool)
+        if found:
+            (tools / tool).symlink_to(found)
+    env_path = f"{Path(sys.executable).parent}{os.pathsep}{tools}"
+    done = subprocess.run(["snakemake", "--profile", "slurm", "all", "--configfile", SMOKE_CONFIG],
+                          cwd=pipe.workdir, env={**os.environ, "PATH": env_path, "PYTHONPATH": str(pipe.path("src"))},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "SLURM not found: sbatch" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert not pipe.path("logs/generate").exists() or not any(pipe.path("logs/generate").iterdir())

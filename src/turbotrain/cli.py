@@ -6,18 +6,26 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 from turbotrain import contract
 from turbotrain.config import load_config
+from turbotrain.utils import joblog
 from turbotrain.utils.errors import ConfigError, DataError
 
 log = logging.getLogger("turbotrain")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="config/config.yaml", help="pipeline config (YAML)")
+    parser.add_argument("--config", action="append", default=None, metavar="YAML",
+                        help="pipeline config (default config/config.yaml); repeat to merge several in order, "
+                             "as `snakemake --configfile A B` does")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
+    parser.add_argument("--log", default=None, help="write all output to this file; a failure also shows its "
+                        "last lines on the terminal (what the pipeline's rules pass)")
+    parser.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number of this job (retries)")
 
 
 def _dataset_arg(parser: argparse.ArgumentParser) -> None:
@@ -109,11 +117,9 @@ def _cmd_show_masking(args, config):
 
 
 def _cmd_dvc_yaml(args, config):
-    from turbotrain.dvc import render
-    from turbotrain.utils.atomic import write_text
+    from turbotrain.dvc import write_pipeline
 
-    write_text(args.out, render(config, args.config))
-    print(args.out)
+    print("\n".join(write_pipeline(config, args.config, args.out, params_only=args.params_only)))
 
 
 def _cmd_runs(args, config):
@@ -206,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_show_masking)
 
-    p = sub.add_parser("dvc-yaml", help="write dvc.yaml (DVC stages and their params) from the pipeline contract")
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml (DVC stages) and params.yaml (their params) from the contract")
     _common(p)
-    p.add_argument("--out", default="dvc.yaml")
+    p.add_argument("--out", default="dvc.yaml", help="dvc.yaml to write; params.yaml (the merged config) goes beside it")
+    p.add_argument("--params-only", action="store_true",
+                   help="rewrite params.yaml only, failing if dvc.yaml is not current (the `params` DVC stage)")
     p.set_defaults(func=_cmd_dvc_yaml)
 
     p = sub.add_parser("runs", help="list the runs of the experiment grid (metrics paths)")
@@ -218,19 +226,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Failures that repeat on every attempt of the same command (a retry cannot fix them): exit status
+# 2 for bad config or data, 3 for a numerical failure (a NaN/inf loss or gradient).
+DETERMINISTIC_FAILURES = {ConfigError: 2, DataError: 2, FloatingPointError: 3}
+
+
+def _run(args) -> tuple[int, str]:
+    """Run the verb: ``(exit status, error message)``, the message empty on success."""
     try:
+        args.config = args.config or ["config/config.yaml"]
         config = load_config(args.config, args.overrides)
         if getattr(args, "dataset", None) is not None:
             config = contract.with_dataset(config, args.dataset)
         args.func(args, config)
-    except (ConfigError, DataError) as exc:
-        print(f"turbotrain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    except tuple(DETERMINISTIC_FAILURES) as exc:
+        status = next(code for cls, code in DETERMINISTIC_FAILURES.items() if isinstance(exc, cls))
+        return status, f"turbotrain {args.command}: error: {exc}"
+    return 0, ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.log is None:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
+        status, message = _run(args)
+        if message:
+            print(message, file=sys.stderr)
+        return status
+    return _run_logged(args, list(sys.argv[1:] if argv is None else argv))
+
+
+def _run_logged(args, argv: list[str]) -> int:
+    """The verb with all output in ``args.log`` (see :mod:`turbotrain.utils.joblog`)."""
+    log_path = joblog.rank_log(args.log)
+    command = [a for i, a in enumerate(argv) if a != "--attempt" and (i == 0 or argv[i - 1] != "--attempt")]
+    joblog.prepare_attempt(log_path, args.attempt)
+    earlier = joblog.earlier_deterministic_failure(log_path, args.attempt, command)
+    with joblog.redirected(log_path):
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, force=True)
+        if earlier is not None:
+            status, message = 2, (f"turbotrain {args.command}: not retried (attempt {args.attempt}): attempt "
+                                  f"{earlier['attempt']} of this same command failed in a way a retry cannot fix "
+                                  f"({earlier['error']}); see {earlier['log']}")
+        else:
+            try:
+                status, message = _run(args)
+            except Exception:  # an unexpected failure may be transient (I/O, a lost node): retry it
+                traceback.print_exc()
+                status, message = 1, f"turbotrain {args.command}: failed (traceback in {log_path})"
+            if status:
+                joblog.record_failure(log_path, args.attempt, command, status in (2, 3), message)
+        if message:
+            print(message, file=sys.stderr)
+    if status:
+        # stdout and stderr are the terminal's (or the SLURM job's) again
+        print(f"--- last lines of {log_path} ---\n{joblog.tail(log_path)}", file=sys.stderr, end="")
+    return status
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ def check_config(config: dict, source: str = "<config>") -> dict:
     """
     problems = []
     primary = config["dataset"]["name"]
+    if "primary" in config.get("extra_datasets", {}) or primary == "primary":
+        problems.append("dataset names: 'primary' is reserved (pretrain.variants.<name>.datasets uses it for the "
+                        "fine-tuning dataset); rename that dataset")
     if primary in config.get("extra_datasets", {}):
         problems.append(f"extra_datasets.{primary}: this name is the primary dataset's (dataset.name); "
                         "an extra dataset needs a name of its own (its raw data and cache folders are named after it)")
@@ -87,7 +90,7 @@ def _pretraining_data_problems(config: dict) -> list[str]:
     Only variants the groups use: a config merged on top of another (config/paper.yaml) inherits
     variants it does not run, and their datasets need not exist there.
     """
-    known = [config["dataset"]["name"], *config.get("extra_datasets", {})]
+    known = ["primary", config["dataset"]["name"], *config.get("extra_datasets", {})]
     used = {p for group in config.get("experiments", {}).get("groups", []) for p in group.get("pretrain", [])}
     variants = config.get("pretrain", {}).get("variants", {})
     return [f"pretrain.variants.{name}.datasets: {missing!r} is not a configured dataset (have {known}: "
@@ -129,19 +132,38 @@ def set_by_path(config: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """Read YAML, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+def read_yaml_config(path: str | Path) -> dict:
     path = Path(path)
     try:
         with open(path) as fh:
-            config = yaml.safe_load(fh) or {}
+            return yaml.safe_load(fh) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def merge_config(base: dict, update: dict) -> dict:
+    """``update`` merged into ``base`` in place, as Snakemake merges ``--configfile`` s: nested
+    mappings key by key, every other value (lists included) replaced."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_config(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def load_config(paths: str | Path | list, overrides: list[str] | None = None) -> dict:
+    """Read one YAML or several (merged in order, as ``snakemake --configfile A B`` does), apply
+    ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    config: dict = {}
+    for path in paths:
+        merge_config(config, read_yaml_config(path))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         set_by_path(config, key, yaml.safe_load(raw))
-    return validate_config(config, str(path))
+    return validate_config(config, " + ".join(str(p) for p in paths))

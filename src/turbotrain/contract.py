@@ -221,9 +221,16 @@ def variant_type(config: dict, pretrain: str) -> str:
     return config["pretrain"]["variants"][pretrain]["type"]
 
 
+# In `pretrain.variants.<name>.datasets`: the primary dataset, whatever `dataset.name` says, so the
+# default grid's variants keep working when a user points `dataset` at real data.
+PRIMARY_DATASET = "primary"
+
+
 def variant_datasets(config: dict, pretrain: str) -> list[str]:
-    """The datasets pretraining variant ``pretrain`` reads (default: the fine-tuning dataset)."""
-    return list(config["pretrain"]["variants"][pretrain].get("datasets") or [config["dataset"]["name"]])
+    """The dataset names pretraining variant ``pretrain`` reads (default: the fine-tuning dataset)."""
+    named = config["pretrain"]["variants"][pretrain].get("datasets") or [PRIMARY_DATASET]
+    primary = config["dataset"]["name"]
+    return list(dict.fromkeys(primary if name == PRIMARY_DATASET else name for name in named))
 
 
 def pretraining_sources(config: dict, pretrain: str) -> str:
@@ -327,9 +334,38 @@ def cache_depends(config: dict, dataset: str | None = None) -> dict:
     return {"dataset.reading": reading, **_values(cfg, ("cache", "grid", "classes", "seed"))}
 
 
+def local_data_digest(config: dict, dataset: str | None = None) -> str:
+    """For a ``source: local`` dataset: a digest of its folder's file listing (paths, sizes, mtimes).
+
+    The fusion cache of a local dataset is a function of files no rule produces: a fixed label file
+    or an added scenario changes no config value and (below the top level) not even the folder's
+    mtime, so the fuse job carries this digest as a param and reruns when any file changes. Empty
+    for generated and downloaded data (their folders are products; after a `dvc pull` their mtimes
+    are new while their content is not).
+    """
+    import hashlib
+    import os
+
+    cfg = with_dataset(config, dataset) if dataset else config
+    if cfg["dataset"]["source"] != "local":
+        return ""
+    root = raw_dir(cfg)
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# Evaluation keys that do not change a training curve's points (AP@0.5 and EPA on val samples).
+NOT_CURVE_EVALUATION_KEYS = ("split", "range_bins", "miss_threshold", *TABLE_ONLY_EVALUATION_KEYS)
+
+
 def curve_evaluation(config: dict) -> dict:
-    """Evaluation settings a training curve is scored with (all but the split and the table targets)."""
-    return {k: v for k, v in config["evaluation"].items() if k not in ("split", *TABLE_ONLY_EVALUATION_KEYS)}
+    """Evaluation settings a training curve is scored with (any key not known to leave it alone)."""
+    return {k: v for k, v in config["evaluation"].items() if k not in NOT_CURVE_EVALUATION_KEYS}
 
 
 def pretrain_depends(config: dict, variant: str) -> dict:

@@ -1,10 +1,6 @@
 # Validation and pure input functions over the pipeline contract (src/turbotrain/contract.py): the
 # names, product paths and per-product dependencies all come from there.
 from turbotrain import contract as C
-from turbotrain.config import check_config
-
-check_config(config, "snakemake config")  # what the schema (Snakefile `validate`) cannot express
-
 DATASET = config["dataset"]["name"]
 DATASETS = C.dataset_names(config)
 RUNS = C.expand_runs(config)
@@ -101,9 +97,29 @@ def pretrained_input(w):
     return C.pretrained_path(DATASET, w.fusion, w.pretrain)
 
 
+# Every job gets the frozen config's path and its attempt number (a retry keeps the earlier
+# attempts' logs and ends at once after a failure that cannot succeed on retry; utils/joblog.py).
+JOB_RESOURCES = dict(config_file=FROZEN_CONFIG, attempt=lambda w, attempt: attempt)
+# A retried training job asks for more memory: the retry is for an OOM kill (SLURM requeues
+# preempted jobs itself, and config/data/NaN failures are not retried).
 TRAINING_RESOURCES = dict(
+    **JOB_RESOURCES,
     gpu=gpu_resources(),
     cpus_per_task=config["resources"]["cpus_per_job"],
-    mem_mb=config["resources"]["mem_mb_training"],
+    mem_mb=lambda w, attempt: config["resources"]["mem_mb_training"] * attempt,
     runtime=config["resources"]["runtime_training_min"],
 )
+
+
+def require_cluster_tools(executor):
+    """Fail at once, with the reason, when the SLURM executor runs where there is no SLURM client
+    (otherwise the first job submission fails on a missing `sacct`)."""
+    import shutil
+
+    if executor is None or executor.name != "slurm":
+        return
+    missing = [tool for tool in ("sbatch", "squeue", "scancel") if shutil.which(tool) is None]
+    if missing:
+        raise WorkflowError(f"SLURM not found: {', '.join(missing)} not on PATH on this machine. Run "
+                            "`snakemake --profile slurm ...` on a cluster login node, or without the profile "
+                            "here (e.g. `snakemake -c2 all`).")

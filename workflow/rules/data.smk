@@ -17,13 +17,14 @@ if C.datasets_from(config, "synthetic"):
             dataset=one_of(C.datasets_from(config, "synthetic")),
         threads: lambda w: generator_workers(w.dataset)
         resources:
-            config_file=FROZEN_CONFIG,
+            **JOB_RESOURCES,
         log:
             C.PATHS["generate_log"],
         benchmark:
             C.PATHS["generate_benchmark"]
         shell:
-            "turbotrain generate --config {resources.config_file} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+            "turbotrain generate --config {resources.config_file} --dataset {wildcards.dataset} --out {output}"
+            " --log {log} --attempt {resources.attempt}"
 
 
 if C.datasets_from(config, "download"):
@@ -38,11 +39,12 @@ if C.datasets_from(config, "download"):
         wildcard_constraints:
             dataset=one_of(C.datasets_from(config, "download")),
         resources:
-            config_file=FROZEN_CONFIG,
+            **JOB_RESOURCES,
         log:
             C.PATHS["download_log"],
         shell:
-            "turbotrain download --config {resources.config_file} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+            "turbotrain download --config {resources.config_file} --dataset {wildcards.dataset} --out {output}"
+            " --log {log} --attempt {resources.attempt}"
 
 
 rule fuse:
@@ -55,18 +57,20 @@ rule fuse:
     params:
         root=lambda w, output: os.path.dirname(output[0]),
         depends=lambda w: depends("cache", w.dataset),
+        local_files=lambda w: C.local_data_digest(config, w.dataset),
     wildcard_constraints:
         dataset=one_of(DATASETS),
         split=one_of(C.SPLITS),
     resources:
-        config_file=FROZEN_CONFIG,
+        **JOB_RESOURCES,
     log:
         C.PATHS["fuse_log"],
     benchmark:
         C.PATHS["fuse_benchmark"]
     shell:
-        "turbotrain fuse --config {resources.config_file} --dataset {wildcards.dataset} --raw {input} --split {wildcards.split}"
-        " --out {params.root} > {log} 2>&1"
+        "turbotrain fuse --config {resources.config_file} --dataset {wildcards.dataset} --raw {input}"
+        " --split {wildcards.split}"
+        " --out {params.root} --log {log} --attempt {resources.attempt}"
 
 
 rule show_sample:
@@ -79,8 +83,9 @@ rule show_sample:
     params:
         root=lambda w, input: os.path.dirname(input[0]),
     resources:
-        config_file=FROZEN_CONFIG,
+        **JOB_RESOURCES,
     log:
         path("show_log"),
     shell:
-        "turbotrain show --config {resources.config_file} --cache {params.root} --split val --index 0 --out {output} > {log} 2>&1"
+        "turbotrain show --config {resources.config_file} --cache {params.root} --split val --index 0 --out {output}"
+        " --log {log} --attempt {resources.attempt}"

@@ -8,7 +8,8 @@ rule evaluate:
         checkpoint=lambda w: run_of(w).path("checkpoint"),
         summary=lambda w: run_of(w).path("summary"),
         test=cache_split(config["evaluation"]["split"]),
-        stamp=lambda w: rebuild_stamp(run_of(w).metrics_path, [run_of(w).path("checkpoint"), run_of(w).path("summary")]),
+        stamp=lambda w: rebuild_stamp(run_of(w).metrics_path,
+                                      [run_of(w).path("checkpoint"), run_of(w).path("summary")]),
     output:
         path("metrics"),
     params:
@@ -18,14 +19,15 @@ rule evaluate:
         fusion=one_of(C.FUSIONS),
         seed=r"\d+",
     resources:
-        config_file=FROZEN_CONFIG,
+        **JOB_RESOURCES,
         gpu=gpu_resources(),
     log:
         path("evaluate_log"),
     benchmark:
         path("evaluate_benchmark")
     shell:
-        "turbotrain evaluate --config {resources.config_file} --checkpoint {input.checkpoint} --fusion {wildcards.fusion}"
+        "turbotrain evaluate --config {resources.config_file} --checkpoint {input.checkpoint}"
+        " --fusion {wildcards.fusion}"
         " --pretrain {wildcards.pretrain} --recipe {wildcards.recipe} --balancer {wildcards.balancer}"
         " --label-fraction {wildcards.fraction} --seed {wildcards.seed} --cache {params.root}"
-        " --out {output} > {log} 2>&1"
+        " --out {output} --log {log} --attempt {resources.attempt}"

@@ -25,14 +25,14 @@ rule finetune:
         recipe=one_of(C.RECIPES),
         seed=r"\d+",
     resources:
-        config_file=FROZEN_CONFIG,
         **TRAINING_RESOURCES,
-    retries: 2
     log:
         path("finetune_log"),
     benchmark:
         path("finetune_benchmark")
     shell:
-        "{params.launch} train --config {resources.config_file} --fusion {wildcards.fusion} --pretrain {wildcards.pretrain}"
+        "{params.launch} train --config {resources.config_file} --fusion {wildcards.fusion}"
+        " --pretrain {wildcards.pretrain}"
         " --recipe {wildcards.recipe} --balancer {wildcards.balancer} --label-fraction {wildcards.fraction}"
-        " --seed {wildcards.seed} --cache {params.root} {params.pretrained} --out {params.run_dir} > {log} 2>&1"
+        " --seed {wildcards.seed} --cache {params.root} {params.pretrained} --out {params.run_dir}"
+        " --log {log} --attempt {resources.attempt}"

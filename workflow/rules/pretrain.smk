@@ -17,16 +17,15 @@ rule pretrain:
     wildcard_constraints:
         fusion=one_of(C.TRAINED_FUSIONS),
     resources:
-        config_file=FROZEN_CONFIG,
         **TRAINING_RESOURCES,
-    retries: 2
     log:
         path("pretrain_log"),
     benchmark:
         path("pretrain_benchmark")
     shell:
-        "{params.launch} pretrain --config {resources.config_file} --variant {wildcards.pretrain} --fusion {wildcards.fusion}"
-        " {params.caches} --out {params.run_dir} > {log} 2>&1"
+        "{params.launch} pretrain --config {resources.config_file} --variant {wildcards.pretrain}"
+        " --fusion {wildcards.fusion}"
+        " {params.caches} --out {params.run_dir} --log {log} --attempt {resources.attempt}"
 
 
 rule show_masking:
@@ -43,9 +42,11 @@ rule show_masking:
     wildcard_constraints:
         fusion=one_of(C.TRAINED_FUSIONS),
     resources:
-        config_file=FROZEN_CONFIG,
+        **JOB_RESOURCES,
     log:
         path("masking_log"),
     shell:
-        "turbotrain show-masking --config {resources.config_file} --variant {wildcards.pretrain} --fusion {wildcards.fusion}"
-        " --cache {params.root} --checkpoint {params.objective} --split val --out {output} > {log} 2>&1"
+        "turbotrain show-masking --config {resources.config_file} --variant {wildcards.pretrain}"
+        " --fusion {wildcards.fusion}"
+        " --cache {params.root} --checkpoint {params.objective} --split val --out {output}"
+        " --log {log} --attempt {resources.attempt}"

@@ -16,11 +16,13 @@ rule table:
     wildcard_constraints:
         table=one_of(C.TABLES),
     resources:
-        config_file=FROZEN_CONFIG,
+        **JOB_RESOURCES,
     log:
         C.PATHS["table_log"],
     shell:
-        "turbotrain tables --config {resources.config_file} --table {wildcards.table} --metrics {input.metrics} --out {output.csv} > {log} 2>&1"
+        "turbotrain tables --config {resources.config_file} --table {wildcards.table} --metrics {input.metrics}"
+        " --out {output.csv}"
+        " --log {log} --attempt {resources.attempt}"
 
 
 rule figure:
@@ -36,8 +38,10 @@ rule figure:
     wildcard_constraints:
         figure=one_of(C.FIGURES),
     resources:
-        config_file=FROZEN_CONFIG,
+        **JOB_RESOURCES,
     log:
         C.PATHS["figure_log"],
     shell:
-        "turbotrain figures --config {resources.config_file} --figure {wildcards.figure} --metrics {input.metrics} --out {output} > {log} 2>&1"
+        "turbotrain figures --config {resources.config_file} --figure {wildcards.figure} --metrics {input.metrics}"
+        " --out {output}"
+        " --log {log} --attempt {resources.attempt}"
