@@ -280,6 +280,7 @@ def _run_logged(args, argv: list[str]) -> int:
             print(message, file=sys.stderr)
     if status:
         # stdout and stderr are the terminal's (or the SLURM job's) again
+        joblog.keep_attempt_log(log_path, args.attempt)
         print(f"--- last lines of {log_path} ---\n{joblog.tail(log_path)}", file=sys.stderr, end="")
     return status
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -37,13 +38,17 @@ def attempt_log(path: Path, attempt: int) -> Path:
 
 
 def prepare_attempt(path: Path, attempt: int) -> None:
-    """Attempt 1 starts clean; attempt k > 1 moves attempt k-1's log aside as ``<log>.attempt<k-1>``."""
+    """Attempt 1 of a job starts clean: earlier invocations' attempt logs and failure record go."""
     if attempt <= 1:
         for old in path.parent.glob(f"{path.name}.attempt*"):
             old.unlink()
         Path(f"{path}{FAILURE_SUFFIX}").unlink(missing_ok=True)
-    elif path.exists():
-        path.replace(attempt_log(path, attempt - 1))
+
+
+def keep_attempt_log(path: Path, attempt: int) -> None:
+    """A failed attempt's log is also kept as ``<log>.attempt<k>`` (Snakemake removes the job's log
+    before it retries)."""
+    shutil.copyfile(path, attempt_log(path, attempt))
 
 
 def earlier_deterministic_failure(path: Path, attempt: int, command: list[str]) -> dict | None:
