@@ -162,7 +162,7 @@ def smoke_cache(tmp_path_factory):
 
 
 def saved_state(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("variant", sorted(EXPORTED))

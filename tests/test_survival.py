@@ -82,7 +82,7 @@ def training_curve(pipe: Pipeline) -> list[tuple]:
 
 
 def final_weights(pipe: Pipeline) -> dict[str, torch.Tensor]:
-    return torch.load(pipe.path(FINAL), map_location="cpu", weights_only=False)["model"]
+    return torch.load(pipe.path(FINAL), map_location="cpu", weights_only=True)["model"]
 
 
 def kill_during_training(pipe: Pipeline) -> int:
@@ -96,7 +96,7 @@ def kill_during_training(pipe: Pipeline) -> int:
     finally:
         kill_tree(proc)
     assert not pipe.path(FINAL).exists(), "the job finished before the kill: raise MAX_STEPS"
-    return torch.load(last, map_location="cpu", weights_only=False)["progress"]["step"]
+    return torch.load(last, map_location="cpu", weights_only=True)["progress"]["step"]
 
 
 def test_killed_finetune_resumes_to_the_uninterrupted_result(smoke_data, tmp_path):

@@ -8,7 +8,8 @@ from turbotrain.grid import Grid
 from turbotrain.models.joint import PART_GROUPS, CooperativePnP
 from turbotrain.testing import ToySceneConfig, toy_batch
 from turbotrain.pretrain.objective import VARIANT_INPUT, MaskedReconstruction
-from turbotrain.pretrain.transfer import TransferError, load_pretrained, save_pretrained
+from turbotrain.pretrain.transfer import TransferError, group_state, load_pretrained, pretrained_meta, save_pretrained
+from turbotrain.utils.errors import DataError
 from turbotrain.utils.seed import seed_everything
 
 CLASSES = ["car", "pedestrian", "truck"]
@@ -92,7 +93,7 @@ def test_loading_replaces_the_transferred_groups_and_keeps_the_rest(exported, va
 
 def test_a_checkpoint_whose_keys_match_nothing_is_refused(exported, tmp_path):
     pretrained, path = exported["spatiotemporal"]
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, weights_only=True)
     payload["state_dict"] = {f"backbone3d.{k}": v for k, v in payload["state_dict"].items()}
     renamed = tmp_path / "renamed.pt"
     torch.save(payload, renamed)
@@ -106,13 +107,13 @@ def test_a_checkpoint_whose_keys_match_nothing_is_refused(exported, tmp_path):
 def test_a_file_that_is_not_a_pretrained_checkpoint_is_refused(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(build_model(seed=0).state_dict(), path)  # a bare state dict, no "state_dict" entry
-    with pytest.raises(TransferError, match="not a pretrained checkpoint"):
+    with pytest.raises(DataError, match="weights.pt: field 'state_dict': expected a pretrained checkpoint"):
         load_pretrained(build_model(seed=2), path)
 
 
 def test_shape_mismatch_missing_and_unexpected_keys_are_reported(exported, tmp_path):
     pretrained, path = exported["ego_only"]
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, weights_only=True)
     state = payload["state_dict"]
     weights = [k for k, v in state.items() if v.ndim >= 2]
     reshaped, dropped = weights[0], weights[1]
@@ -137,3 +138,32 @@ def test_shape_mismatch_missing_and_unexpected_keys_are_reported(exported, tmp_p
     assert (summary["loaded"], summary["missing"], summary["unexpected"], summary["shape_mismatch"]) == (
         len(encoder_keys) - 2, 1, 1, 1)
     assert summary["unexpected_keys"] == ["encoder.legacy_head.weight"] and summary["missing_keys"] == [dropped]
+
+
+# What `turbotrain pretrain` put in `meta` before meta went through JSON: tuples, nested config
+# dicts, floats, None (the shape of stages/pretrain.py's meta, values shortened).
+OLD_META = {"variant": "spatiotemporal", "type": "spatiotemporal", "mask_ratio": 0.7, "fusion": "attfuse",
+            "pretrain_data": [{"name": "synthetic", "samples": 12, "cache_config_hash": "ab" * 32, "class_map": {}}],
+            "history": 2, "steps": 3, "wall_s": 12.5, "transfer": ("encoder", "bev_backbone"), "datasets": None,
+            "temporal_masking": True, "commit": "unknown"}
+
+
+def test_a_pretrained_file_saved_the_old_way_still_loads(tmp_path):
+    """Files written before the weights-only change: the same dict, torch.save'd with raw meta."""
+    groups = VARIANT_INPUT["spatiotemporal"]["transfer"]
+    source = pretrained_model("spatiotemporal")
+    path = tmp_path / "pretrained.pt"
+    torch.save({"state_dict": group_state(source, groups), "groups": list(groups), "meta": OLD_META}, path)
+    model = build_model(seed=2)
+    report = load_pretrained(model, path)
+    assert sorted(report.loaded) == sorted(group_state(source, groups))
+    assert pretrained_meta(path) == OLD_META
+
+
+def test_meta_is_stored_as_plain_json_data(tmp_path):
+    path = tmp_path / "pretrained.pt"
+    save_pretrained(path, build_model(seed=0), ("encoder",), {"transfer": ("encoder",), "where": tmp_path})
+    assert pretrained_meta(path) == {"transfer": ["encoder"], "where": str(tmp_path)}
+    with pytest.raises(TypeError, match="cannot serialise object"):
+        save_pretrained(tmp_path / "other.pt", build_model(seed=0), ("encoder",), {"bad": object()})
+    assert not (tmp_path / "other.pt").exists()

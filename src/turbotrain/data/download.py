@@ -1,16 +1,25 @@
 """Resumable, checksummed download and extraction of dataset archives.
 
 V2XPnP-Seq and V2X-Real sit behind registration pages, so sources are user-supplied: ``http(s)://``
-URLs, ``file://`` URLs or plain local paths (a local *directory* is used in place). For a file source:
+URLs, ``file://`` URLs or plain local paths (a local *directory* is used in place). For a file source
+downloaded into ``<root>/<name>``:
 
-1. stream to ``<dest>/.<name>.partial``; a rerun (or a retry after a dropped connection) resumes it
-   with an HTTP ``Range`` request when the server answers 206, and restarts when it answers 200;
-2. verify sha256; on mismatch the partial is deleted, so nothing that looks complete is left;
-3. rename to ``<dest>/<name>`` (atomic, same folder);
-4. extract ``.tar[.gz|.bz2|.xz]`` / ``.tgz`` / ``.zip`` into a hidden temporary folder, renamed to
-   ``<dest>/<name without suffix>`` when done, or merged into ``<dest>`` (``merge=True``, the default
-   of :func:`download_all`); members escaping that folder are rejected;
-5. write ``<dest>/.<name>.complete`` (JSON with the checksum), so a rerun returns at once.
+1. stream to ``<root>/.<name>.download/<file>.partial``, a staging folder *beside* the output: the
+   Snakemake rule's output is the folder ``<root>/<name>``, which Snakemake deletes when the job
+   fails, and a killed transfer must survive that. A rerun (or a retry after a dropped connection)
+   resumes the partial with an HTTP ``Range`` request when the server answers 206, and restarts when
+   it answers 200;
+2. verify sha256 against ``dataset.urls[].sha256`` or, when none is configured, against the pin
+   recorded on the first download (:mod:`turbotrain.data.pins`); a first download without either
+   is pinned, with a warning. On mismatch the partial is deleted, so nothing that looks complete is
+   left, and the error names both checksums;
+3. rename it to ``<staging>/<file>`` (atomic, same folder);
+4. extract ``.tar[.gz|.bz2|.xz]`` / ``.tgz`` / ``.zip`` into a scratch folder in the staging folder,
+   renamed to ``<dest>/<file without suffix>`` when done, or merged into ``<dest>`` (``merge=True``,
+   the default of :func:`download_all`); members escaping that folder are rejected. A file that is
+   not extracted is moved to ``<dest>/<file>``;
+5. write ``<dest>/.<file>.complete`` (JSON with the checksum), so a rerun returns at once, and a
+   reader of the data (:func:`check_downloaded`) can compare it with the pins.
 
 Written with the standard library's urllib: the only HTTP features needed are ``Range`` and status
 codes, and it keeps the data stages free of a ``requests`` dependency.
@@ -35,6 +44,7 @@ from typing import BinaryIO, Iterable
 
 from tqdm import tqdm
 
+from turbotrain.data.pins import ArchivePins, Expected, pins_path
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.errors import ConfigError, DataError
 from turbotrain.utils.hashing import sha256_file
@@ -74,6 +84,8 @@ def download(
     connection. The archive is deleted after extraction unless ``keep_archive``. ``merge`` extracts
     the archive's contents straight into ``dest_dir`` (returned), merging folders that other archives
     also fill -- split releases such as train parts P1-P4 each hold ``train/<scenario>/...``.
+    Without ``sha256`` the file is checked against (or, the first time, recorded in) the pins file
+    beside ``dest_dir``.
     """
     source = str(url_or_path)
     local = _local_path(source)
@@ -84,18 +96,30 @@ def download(
     name = _safe_name(name or _name_from_source(source), source)
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    finished = _finished_output(dest, name, sha256)
+    pins = ArchivePins(pins_path(dest))
+    expected = pins.expected(name, sha256)
+    finished = _finished_output(dest, name, expected, source, pins)
     if finished is not None:
         return finished
-    archive = dest / name
-    digest = _reuse_archive(archive, sha256, source)
+    if expected.sha256 is None:
+        logger.warning("%s: no sha256 configured (dataset.urls[].sha256); downloading it unverified and pinning "
+                       "its checksum in %s (trust on first use)", source, pins.path)
+    staging = staging_dir(dest)
+    staging.mkdir(exist_ok=True)
+    for scratch in staging.glob(f"{name}.*.extracting"):  # left by a run killed while unpacking
+        shutil.rmtree(scratch, ignore_errors=True)
+    archive = staging / name
+    digest = _reuse_archive(archive, expected, source)
     if digest is None:
-        digest = _fetch_verified(source, dest, name, sha256, progress, retries)
-    output = _extract(archive, dest, merge) if extract and _archive_kind(name) else archive
-    if output != archive and not keep_archive:
-        archive.unlink()
+        digest = _fetch_verified(source, staging, name, expected, progress, retries)
+    if expected.sha256 is None:
+        pins.record(name, digest, source)
+        logger.warning("%s: pinned sha256 %s in %s; copy it into dataset.urls[].sha256 to pin it in the config",
+                       source, digest, pins.path)
+    output = _place(archive, dest, extract, keep_archive, merge)
     marker = {"sha256": digest, "source": source, "output": os.path.relpath(output, dest)}
     write_json(_marker_path(dest, name), marker)
+    _remove_if_empty(staging)
     return output
 
 
@@ -117,6 +141,33 @@ def download_all(
                      merge=bool(entry.get("merge", merge)))
         )
     return outputs
+
+
+def check_downloaded(dest_dir: str | os.PathLike, entries: Iterable[dict]) -> None:
+    """Check downloaded data (e.g. fetched by ``dvc pull``) against the configured or pinned checksums.
+
+    Each file entry's marker ``<dest>/.<file>.complete`` records the sha256 of the archive the data
+    came from; a marker that disagrees raises DataError with both checksums. Entries without a
+    marker or without any checksum to compare are named in a warning.
+    """
+    dest = Path(dest_dir)
+    pins = ArchivePins(pins_path(dest))
+    for entry in entries:
+        source = str(entry.get("url") or entry.get("path") or "")
+        local = _local_path(source) if source else None
+        if not source or (local is not None and local.is_dir()):
+            continue
+        name = _safe_name(entry.get("name") or _name_from_source(source), source)
+        recorded = _marker_sha256(dest, name)
+        expected = pins.expected(name, entry.get("sha256"))
+        if recorded is None:
+            logger.warning("%s: no record of a finished download of %s (%s): its data are not checked",
+                           dest, name, _marker_path(dest, name).name)
+        elif expected.sha256 is None:
+            logger.warning("%s: %s has neither a configured nor a pinned sha256: its data are not checked",
+                           dest, source)
+        elif recorded != expected.sha256:
+            raise DataError(_marker_path(dest, name), "sha256", expected.describe(), recorded)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -191,28 +242,45 @@ def _content_range_total(response) -> int | None:
 # ----------------------------------------------------------------------------- transfer
 
 
-def _partial_path(dest: Path, name: str) -> Path:
-    return dest / f".{name}.partial"
+def staging_dir(dest: str | os.PathLike) -> Path:
+    """``<root>/.<name>.download`` for ``dest = <root>/<name>``: partial files and unpacking scratch.
+
+    Beside ``dest``, not inside: a failed job's output folder is deleted by Snakemake, and the
+    transfer must resume after that. Same parent, so every move out of it is a rename.
+    """
+    dest = Path(os.path.abspath(dest))
+    return dest.with_name(f".{dest.name}.download")
+
+
+def _partial_path(staging: Path, name: str) -> Path:
+    return staging / f"{name}.partial"
 
 
 def _marker_path(dest: Path, name: str) -> Path:
     return dest / f".{name}.complete"
 
 
-def _reuse_archive(archive: Path, sha256: str | None, source: str) -> str | None:
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # another archive's partial is still there
+        pass
+
+
+def _reuse_archive(archive: Path, expected: Expected, source: str) -> str | None:
     """Checksum of an archive a killed run downloaded but did not extract; ``None`` to fetch anew."""
     if not archive.is_file():
         return None
     try:
-        return _verify(archive, sha256, source, delete_on_mismatch=True)
+        return _verify(archive, expected, source, delete_on_mismatch=True)
     except DataError:
-        logger.warning("%s does not match sha256 %s: fetching it again", archive, sha256)
+        logger.warning("%s does not match sha256 %s: fetching it again", archive, expected.sha256)
         return None
 
 
-def _fetch_verified(source: str, dest: Path, name: str, sha256: str | None, progress: bool, retries: int) -> str:
-    """Download into the partial file, check it, rename it to ``<dest>/<name>``; returns its sha256."""
-    partial = _partial_path(dest, name)
+def _fetch_verified(source: str, staging: Path, name: str, expected: Expected, progress: bool, retries: int) -> str:
+    """Download into the partial file, check it, rename it to ``<staging>/<name>``; returns its sha256."""
+    partial = _partial_path(staging, name)
     for attempt in range(retries + 1):
         try:
             _transfer(source, partial, progress, name)
@@ -223,8 +291,8 @@ def _fetch_verified(source: str, dest: Path, name: str, sha256: str | None, prog
             if attempt == retries:
                 raise
             logger.warning("transfer of %s interrupted (%s); resuming (attempt %d)", source, err, attempt + 2)
-    digest = _verify(partial, sha256, source, delete_on_mismatch=True)
-    os.replace(partial, dest / name)
+    digest = _verify(partial, expected, source, delete_on_mismatch=True)
+    os.replace(partial, staging / name)
     return digest
 
 
@@ -252,30 +320,50 @@ def _transfer(source: str, partial: Path, progress: bool, label: str) -> None:
         raise IncompleteTransfer(f"{source}: got {written} of {response.total} bytes")
 
 
-def _verify(path: Path, sha256: str | None, source: str, delete_on_mismatch: bool = False) -> str:
-    """Hex sha256 of ``path``; raises DataError (deleting ``path`` if asked) when it is not ``sha256``."""
+def _verify(path: Path, expected: Expected, source: str, delete_on_mismatch: bool = False) -> str:
+    """Hex sha256 of ``path``; raises DataError naming both checksums (deleting ``path`` if asked)
+    when it is not the expected one."""
     digest = sha256_file(path)
-    if sha256 and digest != sha256.lower():
+    if expected.sha256 and digest != expected.sha256:
         if delete_on_mismatch:
             path.unlink(missing_ok=True)
-        raise DataError(source, "sha256", sha256.lower(), digest)
+        raise DataError(source, "sha256", expected.describe(), digest)
     return digest
 
 
-def _finished_output(dest: Path, name: str, sha256: str | None) -> Path | None:
-    """The output a previous run completed, when its marker agrees with the requested checksum."""
-    marker = _marker_path(dest, name)
-    if not marker.is_file():
-        return None
+def _read_marker(dest: Path, name: str) -> dict | None:
     try:
-        done = json.loads(marker.read_text())
-        output = dest / done["output"]
-        recorded = done["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        done = json.loads(_marker_path(dest, name).read_text())
+        return {"output": dest / done["output"], "sha256": str(done["sha256"]).lower()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return None
-    if (sha256 and recorded != sha256.lower()) or not output.exists():
+
+
+def _marker_sha256(dest: Path, name: str) -> str | None:
+    done = _read_marker(dest, name)
+    return done["sha256"] if done else None
+
+
+def _finished_output(dest: Path, name: str, expected: Expected, source: str, pins: ArchivePins) -> Path | None:
+    """The output a previous run completed, when its marker agrees with the expected checksum.
+
+    A finished output without any checksum to compare (downloaded before pinning existed) pins the
+    checksum its marker recorded. One that contradicts its pin raises: the data in place came from
+    another archive than the pinned one. A changed configured checksum fetches the archive again.
+    """
+    done = _read_marker(dest, name)
+    if done is None or not done["output"].exists():
         return None
-    return output
+    if expected.sha256 is None:
+        pins.record(name, done["sha256"], source)
+        logger.warning("%s: pinned sha256 %s (of the finished download in %s) in %s", source, done["sha256"], dest,
+                       pins.path)
+        return done["output"]
+    if done["sha256"] == expected.sha256:
+        return done["output"]
+    if expected.pinned:
+        raise DataError(_marker_path(dest, name), "sha256", expected.describe(), done["sha256"])
+    return None
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -298,9 +386,23 @@ def _strip_archive_suffix(name: str) -> str:
     return name
 
 
+def _place(archive: Path, dest: Path, extract: bool, keep_archive: bool, merge: bool) -> Path:
+    """Move a verified file from the staging folder into ``dest``: extracted, or as it is."""
+    if not (extract and _archive_kind(archive.name)):
+        os.replace(archive, dest / archive.name)
+        return dest / archive.name
+    output = _extract(archive, dest, merge)
+    if keep_archive:
+        os.replace(archive, dest / archive.name)
+    else:
+        archive.unlink()
+    return output
+
+
 def _extract(archive: Path, dest: Path, merge: bool) -> Path:
-    """Unpack into a hidden temporary folder, then rename it to ``<dest>/<archive stem>`` or merge it."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".extracting", dir=dest))
+    """Unpack into a scratch folder beside the archive (the staging folder), then rename it to
+    ``<dest>/<archive stem>`` or merge it into ``dest``."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{archive.name}.", suffix=".extracting", dir=archive.parent))
     try:
         if _archive_kind(archive.name) == "tar":
             _extract_tar(archive, staging)

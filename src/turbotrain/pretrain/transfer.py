@@ -2,6 +2,10 @@
 
 A silent no-op load (every key renamed, nothing matched) is the classic bug of this field, so the
 report lists loaded, missing and unexpected keys and loading refuses to continue if nothing matched.
+
+A ``pretrained.pt`` is meant to be shared, so it holds only tensors and plain data (the groups and a
+JSON-like ``meta``) and is read with :func:`~turbotrain.utils.safe_load.load_weights_only`: a file that
+asks to run code while loading is refused, naming it.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from turbotrain.utils.atomic import atomic_path
+from turbotrain.utils.atomic import atomic_path, json_plain
+from turbotrain.utils.errors import DataError
+from turbotrain.utils.safe_load import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +52,37 @@ def group_state(model: nn.Module, groups: tuple[str, ...]) -> dict[str, torch.Te
 
 def save_pretrained(path: str | Path, state: nn.Module | dict[str, torch.Tensor], groups: tuple[str, ...],
                     meta: dict) -> None:
-    """Write the transferable part of a pretrained model, or a ready state dict, atomically."""
+    """Write the transferable part of a pretrained model, or a ready state dict, atomically.
+
+    ``meta`` is stored as its JSON data, which a weights-only load accepts: a value JSON cannot hold
+    fails here, not on the machine that later loads the file.
+    """
     tensors = group_state(state, groups) if isinstance(state, nn.Module) else dict(state)
-    payload = {"state_dict": tensors, "groups": list(groups), "meta": meta}
+    payload = {"state_dict": tensors, "groups": [str(g) for g in groups], "meta": json_plain(meta)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
+def read_pretrained(path: str | Path) -> dict:
+    """The payload of a :func:`save_pretrained` file, read without running code from it."""
+    payload = load_weights_only(path)
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+        got = f"keys {sorted(map(str, payload))[:5]}" if isinstance(payload, dict) else type(payload).__name__
+        raise DataError(path, "state_dict", "a pretrained checkpoint (keys 'state_dict', 'groups', 'meta')", got)
+    return payload
+
+
+def pretrained_meta(path: str | Path) -> dict:
+    """What :func:`save_pretrained` recorded besides the weights (variant, data, wall time, commit)."""
+    meta = read_pretrained(path).get("meta", {})
+    if not isinstance(meta, dict):
+        raise DataError(path, "meta", "a mapping", type(meta).__name__)
+    return meta
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> TransferReport:
     """Copy matching tensors of a :func:`save_pretrained` file into ``model``; raise if none match."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise TransferError(f"{path}: not a pretrained checkpoint (expected keys 'state_dict', 'groups')")
+    payload = read_pretrained(path)
     source, groups = payload["state_dict"], tuple(payload.get("groups", ()))
     target = model.state_dict()
     report = TransferReport()

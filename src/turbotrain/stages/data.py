@@ -61,6 +61,10 @@ def gt_range_rule(config: dict) -> str:
 def fuse(config: dict, raw: str | Path, split: str, out_dir: str | Path) -> dict:
     from turbotrain.data.cache.builder import build_cache
 
+    if config["dataset"]["source"] == "download":  # data from `dvc pull` or a copy: was it the pinned archive?
+        from turbotrain.data.download import check_downloaded
+
+        check_downloaded(raw, config["dataset"]["urls"])
     c, g = config["cache"], config["grid"]
     return build_cache(
         raw, split, out_dir,

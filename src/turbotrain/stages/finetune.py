@@ -4,12 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from turbotrain.build import build_model, cache_fingerprint, device_of, evaluation_dataset, fused_dataset, train_config
 from turbotrain.data.sample import collate
 from turbotrain.contract import FUSION_MODES, Run, finetune_depends
-from turbotrain.pretrain.transfer import load_pretrained
+from turbotrain.pretrain.transfer import load_pretrained, pretrained_meta
 from turbotrain.train.balancers import build_balancer
 from turbotrain.train.curve import TrainingCurve, recalibrate_batchnorm
 from turbotrain.train.distributed import is_main_process
@@ -43,7 +41,7 @@ def finetune(config: dict, run: Run, cache_root: str, pretrained: str | None, ou
     pretrain_s = 0.0
     if pretrained:
         report = load_pretrained(model, pretrained)
-        pretrain_s = float(torch.load(pretrained, map_location="cpu", weights_only=False)["meta"].get("wall_s", 0.0))
+        pretrain_s = float(pretrained_meta(pretrained).get("wall_s", 0.0))
         if is_main_process():
             write_json(out / "transfer.json", report.summary())
     val = evaluation_dataset(config, cache_root, run.fusion, split="val") if config["evaluation"]["curve_samples"] else None

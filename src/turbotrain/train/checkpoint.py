@@ -2,8 +2,9 @@
 
 A checkpoint is one ``torch.save`` dict written atomically (``utils.atomic.atomic_path``), so a
 SIGKILL during the write leaves the previous checkpoint intact. The payload holds only tensors and
-plain Python values, which lets :func:`load_checkpoint` use ``weights_only=True`` (no pickle code
-execution when loading a checkpoint from someone else's run directory).
+plain Python values, which lets :func:`load_checkpoint` read it weights-only
+(:func:`~turbotrain.utils.safe_load.load_weights_only`: no pickle code runs when loading a checkpoint
+from someone else's run directory; one that asks to is refused, naming the file).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from turbotrain.utils.atomic import atomic_path
 from turbotrain.utils.errors import DataError
+from turbotrain.utils.safe_load import load_weights_only
 
 CHECKPOINT_FORMAT = 1
 LAST_NAME = "last.pt"
@@ -72,7 +74,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`; refuses other formats by name."""
     path = Path(path)
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_weights_only(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise DataError(path, "format", f"turbotrain checkpoint format {CHECKPOINT_FORMAT}", got)

@@ -55,6 +55,11 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
         fh.write("\n")
 
 
+def json_plain(obj: Any) -> Any:
+    """``obj`` as :func:`write_json` would store it, read back: dicts, lists, str, numbers, bool, None."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 # libyaml's C emitter writes the same text as the Python one, twice as fast (one YAML per LiDAR frame).
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
