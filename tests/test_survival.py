@@ -240,7 +240,7 @@ def test_the_slurm_profile_without_slurm_says_so(smoke_data, tmp_path):
     pipe = smoke_data.clone(tmp_path / "noslurm")
     tools = pipe.path("tools")
     tools.mkdir()
-    for tool in ("bash", "sh", "env", "cat", "git", "python3", "uname"):  # what snakemake itself runs
+    for tool in ("bash", "sh", "env", "cat", "which", "git", "python3", "uname"):  # what snakemake itself runs
         found = shutil.which(tool)
         if found:
             (tools / tool).symlink_to(found)
