@@ -63,12 +63,12 @@ def test_the_committed_dvc_pipeline_is_the_generated_one(config):
 
 def test_a_run_fills_every_path_template_once():
     run = C.Run("v2xpnp", "late", "none", "multistage", "fixed", 0.5, 2)
-    assert run.metrics_path == "results/metrics/v2xpnp/late/none/multistage-fixed/lf0.5/seed2.json"
+    assert run.metrics_path == "results/metrics/v2xpnp/late/none/multistage-fixed/lf0.5/schedule/seed2.json"
     # late fusion evaluates the model trained without fusion: its training products are that run's
-    assert run.train_dir == "runs/finetune/v2xpnp/none/none/multistage-fixed/lf0.5/seed2"
-    assert run.path("finetune_log") == "logs/finetune/v2xpnp/none/none/multistage-fixed/lf0.5/seed2.log"
-    assert run.run_id == "v2xpnp/late/none/multistage-fixed/lf0.5/seed2"
-    assert C.template("checkpoint", dataset="x") == "runs/finetune/x/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}/final.pt"
+    assert run.train_dir == "runs/finetune/v2xpnp/none/none/multistage-fixed/lf0.5/schedule/seed2"
+    assert run.path("finetune_log") == "logs/finetune/v2xpnp/none/none/multistage-fixed/lf0.5/schedule/seed2.log"
+    assert run.run_id == "v2xpnp/late/none/multistage-fixed/lf0.5/schedule/seed2"
+    assert C.template("checkpoint", dataset="x") == "runs/finetune/x/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/{budget}/seed{seed}/final.pt"
     with pytest.raises(KeyError, match="no fields"):
         C.template("table", dataset="x")
 

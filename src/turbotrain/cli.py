@@ -59,6 +59,11 @@ def _cmd_show(args, config):
     data.show(config, args.cache, args.split, args.index, args.out)
 
 
+def _budget_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", default=contract.SCHEDULE,
+                   help=f"{contract.SCHEDULE} (every phase as configured) or a name of experiments.budgets")
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion", required=True, choices=contract.FUSIONS)
     p.add_argument("--pretrain", required=True, help="name of a pretrain.variants entry")
@@ -66,6 +71,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balancer", required=True, choices=contract.BALANCERS)
     p.add_argument("--label-fraction", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    _budget_arg(p)
     p.add_argument("--cache", required=True, help="fusion cache root of the dataset")
 
 
@@ -74,13 +80,14 @@ def _run_of(args, config):
         raise ConfigError(f"--balancer {args.balancer}: the multistage recipe weights its losses by hand "
                           f"(finetune.multistage.stages[].loss_weights); use --balancer {contract.MULTISTAGE_BALANCER}")
     return contract.Run(config["dataset"]["name"], args.fusion, args.pretrain, args.recipe, args.balancer,
-               args.label_fraction, args.seed)
+                        args.label_fraction, args.seed, args.budget)
 
 
 def _cmd_pretrain(args, config):
     from turbotrain.stages.pretrain import pretrain
 
-    print(json.dumps(pretrain(config, args.variant, args.fusion, args.cache, args.out), indent=2, default=str))
+    print(json.dumps(pretrain(config, args.variant, args.fusion, args.cache, args.out, budget=args.budget), indent=2,
+                     default=str))
 
 
 def _cmd_train(args, config):
@@ -165,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--variant", required=True, help="name of a pretrain.variants entry")
     p.add_argument("--fusion", required=True, choices=contract.TRAINED_FUSIONS)
+    _budget_arg(p)
     p.add_argument("--cache", required=True, action="append",
                    help="fusion cache root of a pretraining dataset (repeat for a union; folder name = dataset name)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, pretrained.pt)")

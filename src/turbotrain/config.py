@@ -79,6 +79,7 @@ def check_config(config: dict, source: str = "<config>") -> dict:
             problems.append(f"{key_b}.root: {root_b!r} differs from {key_a}.root {root_a!r}; every {kind} dataset "
                             "keeps its raw data under the same root (the data rules write <root>/<name>)")
     problems += _pretraining_data_problems(config)
+    problems += _budget_problems(config)
     if problems:
         raise ConfigError("\n".join([f"{source}: invalid configuration:", *(f"  - {p}" for p in problems)]))
     return config
@@ -97,6 +98,24 @@ def _pretraining_data_problems(config: dict) -> list[str]:
             "dataset.name and the keys of extra_datasets)"
             for name in sorted(used & set(variants))
             for missing in variants[name].get("datasets", []) if missing not in known]
+
+
+def _budget_problems(config: dict) -> list[str]:
+    """Groups name defined budgets; a matched budget's pretraining is split against joint training
+    (the pretraining job is shared by the runs of one budget), so pretrained runs under it are joint."""
+    budgets = config.get("experiments", {}).get("budgets", {})
+    problems = []
+    for i, group in enumerate(config.get("experiments", {}).get("groups", [])):
+        for name in group.get("budget", ["schedule"]):
+            if name != "schedule" and name not in budgets:
+                problems.append(f"experiments.groups[{i}].budget: {name!r} is not in experiments.budgets "
+                                f"(have {sorted(budgets)}, or 'schedule')")
+            elif (name in budgets and budgets[name]["policy"] == "matched" and "multistage" in group.get("recipe", [])
+                  and any(config["pretrain"]["variants"].get(p, {}).get("type", "none") != "none"
+                          for p in group.get("pretrain", []))):
+                problems.append(f"experiments.groups[{i}]: the matched budget {name!r} splits pretraining against "
+                                "joint fine-tuning; pretrained multistage runs need a group of their own")
+    return problems
 
 
 def _explain(err: jsonschema.ValidationError, schema: dict | None = None) -> str:

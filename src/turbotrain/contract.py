@@ -24,6 +24,8 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from turbotrain import budgets
+from turbotrain.budgets import SCHEDULE
 from turbotrain.utils.errors import ConfigError
 from turbotrain.utils.hashing import config_hash
 
@@ -64,8 +66,9 @@ DATA_SOURCES = ("synthetic", "download", "local")
 
 # ---------------------------------------------------------------------------------------------- paths
 
-RUN_KEY = "{dataset}/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/seed{seed}"
-PRETRAIN_KEY = "{dataset}/{fusion}/{pretrain}"
+# `budget` is `schedule` (every phase as configured) or a name of experiments.budgets (budgets.py).
+RUN_KEY = "{dataset}/{fusion}/{pretrain}/{recipe}-{balancer}/lf{fraction}/{budget}/seed{seed}"
+PRETRAIN_KEY = "{dataset}/{fusion}/{pretrain}/{budget}"
 PATHS = {
     "raw": "{root}/{dataset}",
     "cache": "{cache_root}/{dataset}/{split}",
@@ -79,13 +82,13 @@ PATHS = {
     "table_md": "results/tables/{table}.md",
     "figure": "results/figures/{figure}.png",
     "sample_figure": "results/figures/{dataset}_sample_bev.png",
-    "masking_figure": "results/figures/{dataset}_masking_{fusion}_{pretrain}.png",
+    "masking_figure": "results/figures/{dataset}_masking_{fusion}_{pretrain}_{budget}.png",
     "generate_log": "logs/generate/{dataset}.log",
     "download_log": "logs/download/{dataset}.log",
     "fuse_log": "logs/fuse/{dataset}_{split}.log",
     "show_log": "logs/show/{dataset}.log",
     "pretrain_log": f"logs/pretrain/{PRETRAIN_KEY}.log",
-    "masking_log": "logs/show_masking/{dataset}_{fusion}_{pretrain}.log",
+    "masking_log": "logs/show_masking/{dataset}_{fusion}_{pretrain}_{budget}.log",
     "finetune_log": f"logs/finetune/{RUN_KEY}.log",
     "evaluate_log": f"logs/evaluate/{RUN_KEY}.log",
     "table_log": "logs/tables/{table}.log",
@@ -129,8 +132,8 @@ def cache_dir(config: dict, split: str, dataset: str | None = None) -> str:
     return template("cache", cache_root=config["cache"]["root"], dataset=name, split=split)
 
 
-def pretrained_path(dataset: str, fusion: str, pretrain: str) -> str:
-    return template("pretrained", dataset=dataset, fusion=fusion, pretrain=pretrain)
+def pretrained_path(dataset: str, fusion: str, pretrain: str, budget: str = SCHEDULE) -> str:
+    return template("pretrained", dataset=dataset, fusion=fusion, pretrain=pretrain, budget=budget)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -147,6 +150,7 @@ class Run:
     balancer: str
     label_fraction: float
     seed: int
+    budget: str = SCHEDULE
 
     @property
     def trained_fusion(self) -> str:
@@ -156,7 +160,7 @@ class Run:
     def fields(self, fusion: str | None = None) -> dict:
         return {"dataset": self.dataset, "fusion": fusion or self.fusion, "pretrain": self.pretrain,
                 "recipe": self.recipe, "balancer": self.balancer, "fraction": f"{self.label_fraction:g}",
-                "seed": str(self.seed)}
+                "budget": self.budget, "seed": str(self.seed)}
 
     def path(self, product: str) -> str:
         """A run product's path; the training side (run folder, logs, benchmarks) is the trained model's."""
@@ -173,13 +177,19 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        """``<dataset>/<fusion>/<pretrain>/<recipe>-<balancer>/lf<f>/seed<s>``: joins metrics, logs, benchmarks."""
+        """``<dataset>/<fusion>/<pretrain>/<recipe>-<balancer>/lf<f>/<budget>/seed<s>``: joins metrics,
+        logs and benchmarks."""
         return RUN_KEY.format(**self.fields())
+
+    @property
+    def pretrained_path(self) -> str:
+        """The pretrained weights this run starts from (whether or not its variant pretrains)."""
+        return pretrained_path(self.dataset, self.trained_fusion, self.pretrain, self.budget)
 
     @classmethod
     def from_fields(cls, dataset: str, fusion: str, pretrain: str, recipe: str, balancer: str, fraction,
-                    seed) -> "Run":
-        return cls(dataset, fusion, pretrain, recipe, balancer, float(fraction), int(seed))
+                    seed, budget: str = SCHEDULE) -> "Run":
+        return cls(dataset, fusion, pretrain, recipe, balancer, float(fraction), int(seed), budget)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -194,10 +204,10 @@ def expand_runs(config: dict, table: str | None = None) -> list[Run]:
         if table is not None and table not in group["tables"]:
             continue
         axes = [group["fusion"], group["pretrain"], group["recipe"], group["balancer"], group["label_fraction"],
-                group.get("seeds", seeds)]
-        for fusion, pretrain, recipe, balancer, fraction, seed in itertools.product(*axes):
+                group.get("seeds", seeds), group.get("budget", [SCHEDULE])]
+        for fusion, pretrain, recipe, balancer, fraction, seed, budget in itertools.product(*axes):
             balancer = MULTISTAGE_BALANCER if recipe == "multistage" else balancer
-            runs.add(Run(dataset, fusion, pretrain, recipe, balancer, float(fraction), int(seed)))
+            runs.add(Run(dataset, fusion, pretrain, recipe, balancer, float(fraction), int(seed), budget))
     unknown = {r.pretrain for r in runs} - set(config["pretrain"]["variants"])
     if unknown:
         raise ConfigError(f"experiments.groups name pretraining variants {sorted(unknown)} that "
@@ -211,10 +221,11 @@ def grid_tables(config: dict) -> list[str]:
     return [t for t in TABLES if t in named]
 
 
-def pretraining_jobs(config: dict) -> list[tuple[str, str]]:
-    """``(trained fusion, variant)`` of every pretraining the grid needs."""
+def pretraining_jobs(config: dict) -> list[tuple[str, str, str]]:
+    """``(trained fusion, variant, budget)`` of every pretraining the grid needs."""
     variants = config["pretrain"]["variants"]
-    return sorted({(r.trained_fusion, r.pretrain) for r in expand_runs(config) if variants[r.pretrain]["type"] != "none"})
+    return sorted({(r.trained_fusion, r.pretrain, r.budget) for r in expand_runs(config)
+                   if variants[r.pretrain]["type"] != "none"})
 
 
 def variant_type(config: dict, pretrain: str) -> str:
@@ -368,20 +379,33 @@ def curve_evaluation(config: dict) -> dict:
     return {k: v for k, v in config["evaluation"].items() if k not in NOT_CURVE_EVALUATION_KEYS}
 
 
-def pretrain_depends(config: dict, variant: str) -> dict:
+def pretraining_steps(config: dict, variant: str, budget: str) -> int | None:
+    """Optimizer steps a budget gives the pretraining of ``variant`` (None: as configured). A
+    budgeted pretraining serves joint fine-tuning (``check_config`` makes sure)."""
+    allocation = budgets.allocate(config, variant, "joint", budget)
+    return None if allocation is None else allocation["pretraining"]
+
+
+def pretrain_depends(config: dict, variant: str, budget: str = SCHEDULE) -> dict:
     """One pretraining job: its own variant (not the other variants), the shared pretraining
-    settings, its datasets, the model and the data layout, and the seed."""
+    settings, its datasets, the model and the data layout, the seed, and its budgeted steps."""
     shared = {k: v for k, v in config["pretrain"].items() if k != "variants"}
-    return {f"pretrain.variants.{variant}": copy.deepcopy(config["pretrain"]["variants"][variant]),
-            "pretrain.shared": copy.deepcopy(shared), "pretrain.datasets": variant_datasets(config, variant),
-            **_values(config, (*MODEL_KEYS, "seed"))}
+    values = {f"pretrain.variants.{variant}": copy.deepcopy(config["pretrain"]["variants"][variant]),
+              "pretrain.shared": copy.deepcopy(shared), "pretrain.datasets": variant_datasets(config, variant),
+              **_values(config, (*MODEL_KEYS, "seed"))}
+    if budget != SCHEDULE:
+        values[f"experiments.budgets.{budget}"] = pretraining_steps(config, variant, budget)
+    return values
 
 
 def finetune_depends(config: dict, run: Run) -> dict:
-    """One fine-tuning run: the run, the model, the training and recipe settings, and the
-    evaluation settings its training curve is scored with."""
-    return {"run": run.as_dict(), **_values(config, (*MODEL_KEYS, "train", "finetune")),
-            "evaluation.curve": curve_evaluation(config)}
+    """One fine-tuning run: the run, the model, the training and recipe settings, its budgeted
+    steps, and the evaluation settings its training curve is scored with."""
+    values = {"run": run.as_dict(), **_values(config, (*MODEL_KEYS, "train", "finetune")),
+              "evaluation.curve": curve_evaluation(config)}
+    if run.budget != SCHEDULE:
+        values[f"experiments.budgets.{run.budget}"] = budgets.allocate(config, run.pretrain, run.recipe, run.budget)
+    return values
 
 
 def evaluate_depends(config: dict, run: Run) -> dict:
@@ -411,12 +435,6 @@ def figure_depends(config: dict, figure: str) -> dict:
 def depends_hash(values: dict) -> str:
     """The short digest Snakemake records as a job's ``depends`` param."""
     return config_hash(values)
-
-
-def sections(values: dict) -> list[str]:
-    """The top-level config sections a product's dependency keys live in (DVC stage params)."""
-    top = {key.split(".")[0] for key in values if key not in ("run",)}
-    return sorted(top)
 
 
 # ---------------------------------------------------------------------------------------------- frozen configs

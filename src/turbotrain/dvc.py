@@ -98,8 +98,8 @@ def results_keys(config: dict) -> list[str]:
     for name in C.dataset_names(config):
         keys |= set(param_keys(config, C.raw_depends(config, name), name))
         keys |= set(param_keys(config, C.cache_depends(config, name), name))
-    for _, variant in C.pretraining_jobs(config):
-        keys |= set(param_keys(config, C.pretrain_depends(config, variant)))
+    for _, variant, budget in C.pretraining_jobs(config):
+        keys |= set(param_keys(config, C.pretrain_depends(config, variant, budget)))
     for run in C.expand_runs(config):
         keys |= set(param_keys(config, C.finetune_depends(config, run)))
         keys |= set(param_keys(config, C.evaluate_depends(config, run)))

@@ -63,7 +63,7 @@ def gpu_resources():
 
 
 def run_of(w):
-    return C.Run.from_fields(DATASET, w.fusion, w.pretrain, w.recipe, w.balancer, w.fraction, w.seed)
+    return C.Run.from_fields(DATASET, w.fusion, w.pretrain, w.recipe, w.balancer, w.fraction, w.seed, w.budget)
 
 
 def table_targets():
@@ -72,7 +72,7 @@ def table_targets():
 
 def masking_figures():
     """One masking picture per (fusion, variant) pair of the grid whose pretraining masks LiDAR."""
-    return [path("masking_figure", fusion=f, pretrain=p) for f, p in C.pretraining_jobs(config)
+    return [path("masking_figure", fusion=f, pretrain=p, budget=b) for f, p, b in C.pretraining_jobs(config)
             if C.variant_type(config, p) in C.LIDAR_TYPES]
 
 
@@ -94,7 +94,7 @@ def pretrained_input(w):
     """The pretrained weights a fine-tuning run starts from (none for scratch runs)."""
     if C.variant_type(config, w.pretrain) == "none":
         return []
-    return C.pretrained_path(DATASET, w.fusion, w.pretrain)
+    return C.pretrained_path(DATASET, w.fusion, w.pretrain, w.budget)
 
 
 # Every job gets the frozen config's path and its attempt number (a retry keeps the earlier

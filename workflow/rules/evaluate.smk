@@ -29,5 +29,5 @@ rule evaluate:
         "turbotrain evaluate --config {resources.config_file} --checkpoint {input.checkpoint}"
         " --fusion {wildcards.fusion}"
         " --pretrain {wildcards.pretrain} --recipe {wildcards.recipe} --balancer {wildcards.balancer}"
-        " --label-fraction {wildcards.fraction} --seed {wildcards.seed} --cache {params.root}"
+        " --label-fraction {wildcards.fraction} --seed {wildcards.seed} --budget {wildcards.budget} --cache {params.root}"
         " --out {output} --log {log} --attempt {resources.attempt}"

@@ -34,5 +34,5 @@ rule finetune:
         "{params.launch} train --config {resources.config_file} --fusion {wildcards.fusion}"
         " --pretrain {wildcards.pretrain}"
         " --recipe {wildcards.recipe} --balancer {wildcards.balancer} --label-fraction {wildcards.fraction}"
-        " --seed {wildcards.seed} --cache {params.root} {params.pretrained} --out {params.run_dir}"
+        " --seed {wildcards.seed} --budget {wildcards.budget} --cache {params.root} {params.pretrained} --out {params.run_dir}"
         " --log {log} --attempt {resources.attempt}"

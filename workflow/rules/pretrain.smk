@@ -13,7 +13,7 @@ rule pretrain:
         caches=lambda w, input: " ".join(f"--cache {os.path.dirname(p)}" for p in input.train),
         run_dir=lambda w, output: os.path.dirname(output[0]),
         launch=launcher,
-        depends=lambda w: depends("pretrain", w.pretrain),
+        depends=lambda w: depends("pretrain", w.pretrain, w.budget),
     wildcard_constraints:
         fusion=one_of(C.TRAINED_FUSIONS),
     resources:
@@ -24,8 +24,8 @@ rule pretrain:
         path("pretrain_benchmark")
     shell:
         "{params.launch} pretrain --config {resources.config_file} --variant {wildcards.pretrain}"
-        " --fusion {wildcards.fusion}"
-        " {params.caches} --out {params.run_dir} --log {log} --attempt {resources.attempt}"
+        " --fusion {wildcards.fusion} --budget {wildcards.budget} {params.caches}"
+        " --out {params.run_dir} --log {log} --attempt {resources.attempt}"
 
 
 rule show_masking:

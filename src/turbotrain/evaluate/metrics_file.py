@@ -40,7 +40,7 @@ from turbotrain.utils.errors import DataError
 SCHEMA_VERSION = 1
 RUN_NAME_KEYS = ("experiment", "variant", "dataset", "fusion", "pretrain", "balancer")
 RUN_KEYS = (*RUN_NAME_KEYS, "label_fraction", "seed", "mask_ratio")
-OPTIONAL_RUN_KEYS = ("recipe", "pretrain_type", "pretrain_data", "gt_range_rule")
+OPTIONAL_RUN_KEYS = ("recipe", "pretrain_type", "pretrain_data", "gt_range_rule", "budget")
 TRAINING_KEYS = ("wall_s", "device", "epochs", "steps", "gpu_hours", "cpu_hours")
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -168,6 +168,7 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
     row["run_id"] = document["run"].get("run_id", run_id)
     # optional: metrics of other tools lack them
     row["recipe"] = document["run"].get("recipe", "joint")
+    row["budget"] = document["run"].get("budget", "schedule")
     row["pretrain_type"] = document["run"].get("pretrain_type", row["pretrain"])
     row["pretrain_data"] = document["run"].get("pretrain_data", "–" if row["pretrain"] == "none" else row["dataset"])
     row["gt_range_rule"] = document["run"].get("gt_range_rule")

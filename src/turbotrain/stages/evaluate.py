@@ -27,7 +27,7 @@ def evaluate(config: dict, run: Run, checkpoint: str, cache_root: str, out_path:
     run_record = {
         "experiment": config["experiment"], "variant": f"{run.pretrain}+{run.recipe}-{run.balancer}",
         "dataset": run.dataset, "fusion": run.fusion, "pretrain": run.pretrain, "balancer": run.balancer,
-        "recipe": run.recipe, "label_fraction": run.label_fraction, "seed": run.seed,
+        "recipe": run.recipe, "label_fraction": run.label_fraction, "seed": run.seed, "budget": run.budget,
         "mask_ratio": variant["mask_ratio"] if variant["type"] in LIDAR_TYPES else None,
         "pretrain_type": variant["type"], "pretrain_data": pretraining_sources(config, run.pretrain),
         "run_id": run.run_id,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from turbotrain.build import cache_fingerprint, train_config
 from turbotrain.data.sample import collate
-from turbotrain.contract import pretrain_depends
+from turbotrain.contract import SCHEDULE, pretrain_depends, pretraining_steps
 from turbotrain.pretrain.setup import build_objective, variant_of
 from turbotrain.pretrain.trajectory import TrajectorySSL
 from turbotrain.pretrain.transfer import save_pretrained
@@ -30,26 +30,29 @@ def git_commit() -> str:
 
 
 def pretrain(config: dict, variant_name: str, fusion: str, cache_roots: list[str] | str, out_dir: str,
-             sources: list[str] | None = None) -> dict:
-    """Train ``variant_name`` on the caches' train split in ``out_dir`` (resuming there); export pretrained.pt."""
+             sources: list[str] | None = None, budget: str = SCHEDULE) -> dict:
+    """Train ``variant_name`` on the caches' train split in ``out_dir`` (resuming there); export pretrained.pt.
+
+    Under a named ``budget`` the pretraining trains the optimizer steps the budget gives it."""
     cache_roots = [cache_roots] if isinstance(cache_roots, str) else list(cache_roots)
     variant_of(config, variant_name)  # an unknown or `none` variant fails before anything is written
     run_dir = Path(out_dir)
     if is_main_process():
         inputs = {"variant": variant_name, "fusion": fusion, "train_cache": [cache_fingerprint(r) for r in cache_roots],
-                  "depends": pretrain_depends(config, variant_name)}
+                  "depends": pretrain_depends(config, variant_name, budget)}
         claim_run_dir(run_dir, inputs)
     setup = build_objective(config, variant_name, fusion, cache_roots, sources)
     variant, data, objective, section = setup.variant, setup.data, setup.objective, config["pretrain"]
-    engine = train_config({**section["train"], **variant["train"]}, len(data), config["seed"], config["device"],
-                          final_name="objective.pt")
+    steps = pretraining_steps(config, variant_name, budget)
+    engine = train_config({**section["train"], **variant["train"], **({"max_steps": steps} if steps else {})},
+                          len(data), config["seed"], config["device"], final_name="objective.pt")
     for part in getattr(objective, "objectives", [objective]):
         if isinstance(part, TrajectorySSL):
             part.total_updates = engine.max_steps * engine.grad_accum_steps
     started = time.time()
     summary = fit(objective, lambda m, batch: unwrap_model(m)(batch), build_balancer("sum", list(objective.tasks)), data,
                   engine, run_dir, collate_fn=collate)
-    meta = {"variant": variant_name, **variant, "fusion": fusion, "points_per_cell": section["points_per_cell"],
+    meta = {"variant": variant_name, **variant, "fusion": fusion, "budget": budget, "points_per_cell": section["points_per_cell"],
             "max_target_points": section["max_target_points"], "dataset": config["dataset"]["name"],
             "pretrain_data": _data_card(config, data, setup.sources), "fusion_mode": setup.fusion_mode,
             "history": setup.history, "samples": len(data), "steps": summary["steps"], "wall_s": summary["wall_s"],

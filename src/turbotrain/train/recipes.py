@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from turbotrain.contract import Run
+from turbotrain import budgets
+from turbotrain.contract import MULTISTAGE_BALANCER, TASKS, Run
 from turbotrain.train.distributed import unwrap_model
-
-TASKS = ("detection", "prediction")
 
 
 @dataclass
@@ -26,17 +25,23 @@ class Stage:
 
 
 def recipe_stages(config: dict, run: Run) -> list[Stage]:
-    """Joint = one stage with the run's balancer; multistage = the configured stages, fixed weights."""
+    """Joint = one stage with the run's balancer; multistage = the configured stages, fixed weights.
+
+    Under a named budget each stage trains the optimizer steps the budget gives it (budgets.py)."""
     options = config["finetune"]["balancer_options"]
     if run.recipe == "joint":
         joint = config["finetune"]["joint"]
-        return [Stage("joint", list(TASKS), "all", joint["epochs"], joint["max_steps"], run.balancer,
-                      dict(options.get(run.balancer, {})))]
-    stages = []
-    for s in config["finetune"]["multistage"]["stages"]:
-        weights = {t: s["loss_weights"].get(t, 1.0) for t in s["tasks"]}
-        stages.append(Stage(s["name"], list(s["tasks"]), s["agents"], s["epochs"], s["max_steps"], "fixed",
-                            {"weights": weights}, list(s["freeze"])))
+        stages = [Stage("joint", list(TASKS), "all", joint["epochs"], joint["max_steps"], run.balancer,
+                        dict(options.get(run.balancer, {})))]
+    else:
+        stages = []
+        for s in config["finetune"]["multistage"]["stages"]:
+            weights = {t: s["loss_weights"].get(t, 1.0) for t in s["tasks"]}
+            stages.append(Stage(s["name"], list(s["tasks"]), s["agents"], s["epochs"], s["max_steps"],
+                                MULTISTAGE_BALANCER, {"weights": weights}, list(s["freeze"])))
+    allocation = budgets.allocate(config, run.pretrain, run.recipe, run.budget)
+    for stage in stages if allocation else ():
+        stage.max_steps = allocation[stage.name]
     return stages
 
 
