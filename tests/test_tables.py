@@ -93,7 +93,8 @@ def test_write_metrics_validates_before_writing(tmp_path):
 
 def test_build_table_mean_std_over_seeds(frame):
     table = build_table(frame[frame.experiment == "main"], ["variant"], ["map@0.5", "epa"])
-    assert list(table.columns) == ["variant", "map@0.5_mean", "map@0.5_std", "epa_mean", "epa_std", "n_seeds"]
+    assert list(table.columns) == ["variant", "map@0.5_mean", "map@0.5_std", "map@0.5_n", "epa_mean", "epa_std", "epa_n",
+                                   "map@0.5_ci_low", "map@0.5_ci_high", "epa_ci_low", "epa_ci_high", "n_seeds"]
     turbo, multi = row(table, variant="turbotrain"), row(table, variant="multistage")
     assert (turbo["map@0.5_mean"], turbo["map@0.5_std"], turbo["n_seeds"]) == pytest.approx((0.72, 0.02, 3))
     assert (multi["map@0.5_mean"], multi["map@0.5_std"], multi["n_seeds"]) == pytest.approx((0.62, 0.02 * SQRT2, 2))
@@ -113,7 +114,8 @@ def test_write_table_csv_and_markdown(frame, tmp_path):
     assert md_path == tmp_path / "t.md"
     assert pd.read_csv(csv_path)["map@0.5_mean"].tolist() == pytest.approx([0.62, 0.72])
     markdown = md_path.read_text()
-    assert "| turbotrain | 0.720 ± 0.020 | 1900 ± 100 | 3 |" in markdown
+    # 3 seeds, std 0.02: t(0.975, 2) = 4.303, half-width 4.303 * 0.02 / sqrt(3) = 0.0497
+    assert "| turbotrain | 0.720 ± 0.020 [0.670, 0.770] | 1900 ± 100 [1652, 2148] | 3 |" in markdown
     assert markdown.rstrip().endswith("a note")
 
 
@@ -137,7 +139,7 @@ def test_ablation_table_rows_pretrain_balancer_and_mask_ratio(frame, tmp_path):
     swept = row(table, pretrain="coopre", balancer="pcgrad", mask_ratio=0.7)
     assert (swept["map@0.5_mean"], swept["map@0.5_std"], swept["n_seeds"]) == pytest.approx((0.67, 0.01 * SQRT2, 2))
     assert row(table, pretrain="none", balancer="sum", mask_ratio=None)["epa_mean"] == pytest.approx(0.38)
-    assert "| none | pcgrad | – | 0.610 |" in (tmp_path / "ablation.md").read_text()
+    assert "| none | pcgrad | – | schedule | 0.610 |" in (tmp_path / "ablation.md").read_text()
 
 
 def test_data_efficiency_table(frame, tmp_path):

@@ -27,6 +27,14 @@ from turbotrain.utils.errors import ConfigError
 SCHEDULE = "schedule"
 POLICIES = ("matched", "proportional")
 
+# What a run spent (train/accounting.py records it): the engine summary's keys. In metrics files
+# the fine-tuning values keep these names, the pretraining's are ``pretrain_<key>`` and the sums
+# ``total_<key>``; distinct samples do not add up (a union over stages; pretraining reads
+# unlabelled samples), so they have no total.
+SPENT_KEYS = ("steps", "samples_seen", "unique_samples_seen", "trunk_forwards", "trunk_backwards", "wall_s")
+SPENT_COLUMNS = (*SPENT_KEYS, *(f"pretrain_{k}" for k in SPENT_KEYS),
+                 *(f"total_{k}" for k in SPENT_KEYS if k != "unique_samples_seen"))
+
 
 @dataclass(frozen=True)
 class Phase:

@@ -57,10 +57,10 @@ PRETRAIN_TYPES = ("none", "ego_only", "multi_agent", "spatiotemporal", "trajecto
 LIDAR_TYPES = ("ego_only", "multi_agent", "spatiotemporal", "lidar_trajectory")
 TRAJECTORY_TYPES = ("trajectory", "lidar_trajectory")
 
-TABLES = ("main", "ablation", "efficiency", "data_efficiency", "transfer")
+TABLES = ("main", "ablation", "efficiency", "data_efficiency", "transfer", "claims")
 # Figures over the runs of the grid; the per-dataset sample and masking pictures have paths of their own.
 FIGURES = ("learning_curves", "gradient_conflict", "ap_vs_time", "data_efficiency", "qualitative_bev",
-           "trajectory_pretraining")
+           "trajectory_pretraining", "claims")
 SPLITS = ("train", "val", "test")
 DATA_SOURCES = ("synthetic", "download", "local")
 

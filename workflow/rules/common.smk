@@ -79,6 +79,7 @@ def masking_figures():
 def figure_targets():
     types = {C.variant_type(config, r.pretrain) for r in RUNS}
     figures = [f for f in C.FIGURES if f != "trajectory_pretraining" or types & set(C.TRAJECTORY_TYPES)]
+    figures = [f for f in figures if f != "claims" or "claims" in C.grid_tables(config)]
     return masking_figures() + [C.template("figure", figure=f) for f in figures]
 
 

@@ -18,6 +18,8 @@ Schema (``METRICS_SCHEMA``, checked on write and on read)::
       "prediction": output of evaluate_prediction: {min_ade, min_fde, mr, epa: x|null, ..}
                                                                       (may be {} for no prediction)
       "training": {wall_s, epochs, steps, gpu_hours, cpu_hours: number, device: str,
+                   samples_seen, unique_samples_seen, trunk_forwards, trunk_backwards and each as
+                   pretrain_<key> / total_<key> (optional; train/accounting.py),
                    curve: [{step, wall_s, ap50: x|null, epa: x|null}, ..] (optional)}
     }
 
@@ -34,6 +36,7 @@ from typing import Iterable
 import jsonschema
 import pandas as pd
 
+from turbotrain.budgets import SPENT_COLUMNS
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.errors import DataError
 
@@ -100,6 +103,7 @@ METRICS_SCHEMA = {
                 "epochs": {"type": "number", "minimum": 0},  # fractional when a run stops mid-epoch
                 "steps": {"type": "integer", "minimum": 0},
                 "device": {"type": "string"},
+                **{key: _NON_NEGATIVE for key in SPENT_COLUMNS if key not in ("steps", "wall_s")},
                 "curve": {
                     "type": "array",
                     "items": {
@@ -185,6 +189,7 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
     row.update({key: training[key] for key in TRAINING_KEYS})
     # fine-tuning plus the pretraining it started from (optional: older files and other tools lack it)
     row["total_wall_s"] = training.get("total_wall_s", training["wall_s"])
+    row.update({key: training[key] for key in SPENT_COLUMNS if key in training})
     row["curve"] = training.get("curve", [])
     return row
 

@@ -185,6 +185,46 @@ def data_efficiency(
     return fig
 
 
+_VERDICT_COLOURS = {"reproduced": "#2a9d55", "not reproduced": "#c0392b", "inconclusive": "#7f8c8d"}
+
+
+def claims(table: pd.DataFrame, path: str | os.PathLike) -> Figure:
+    """Forest plot of ``report.claims.measure_claims``: each claim's effect with its 95% interval,
+    coloured by verdict; one panel per unit (accuracy, metres, seconds), a line at no effect."""
+    if table.empty:
+        raise ValueError(f"{path}: no claim has both of its arms with two seeds or more in this grid")
+    table = table.assign(unit=[_claim_unit(m) for m in table["metric"]],
+                         row=[f"{t}\n({f}, {b})" for t, f, b in zip(table["text"], table["fusion"], table["budget"])])
+    units = list(dict.fromkeys(table["unit"]))
+    with _theme():
+        fig = Figure(figsize=(7.5 * len(units), 0.75 * table.groupby("unit").size().max() + 1.8),
+                     layout="constrained")
+        axes = list(np.atleast_1d(fig.subplots(1, len(units))))
+        for ax, unit in zip(axes, units):
+            rows = table[table["unit"] == unit].reset_index(drop=True)
+            for y, r in rows.iterrows():
+                colour = _VERDICT_COLOURS[r["verdict"]]
+                span = [[r["effect"] - r["ci_low"]], [r["ci_high"] - r["effect"]]] if np.isfinite(r["ci_low"]) else None
+                ax.errorbar(r["effect"], y, xerr=span, fmt="o", color=colour, ms=8, capsize=4, lw=2,
+                            label=r["verdict"])
+            ax.axvline(0.0, color="black", lw=1, ls="--")
+            ax.set_yticks(range(len(rows)), rows["row"], fontsize=9)
+            ax.invert_yaxis()
+            ax.set(title=unit, xlabel="treatment - baseline (95% CI, paired by seed)", ylabel="claim (fusion, budget)")
+        handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+        fig.legend(handles.values(), handles.keys(), title="verdict", loc="outside lower center",
+                   ncols=len(handles))
+        fig.suptitle("The papers' claims measured on our runs", fontweight="bold")
+    save_figure(fig, path)
+    return fig
+
+
+def _claim_unit(metric: str) -> str:
+    if metric.startswith("time"):
+        return "training time (s)"
+    return "distance (m, lower is better)" if metric in ("min_ade", "min_fde") else "accuracy (AP, EPA)"
+
+
 @contextlib.contextmanager
 def _theme() -> Iterator[None]:
     """Seaborn style and font scale only while a figure is built; global rcParams are restored."""

@@ -1,7 +1,9 @@
-"""Result tables: mean ± std over seeds, written as CSV plus a Markdown rendering beside it.
+"""Result tables: mean, 95% interval and std over seeds, written as CSV plus a Markdown rendering.
 
 Every builder takes the DataFrame of :func:`turbotrain.evaluate.metrics_file.metrics_frame` (one row
-per run). ``std`` is the sample standard deviation over seeds (ddof = 1), empty for a single seed.
+per run). ``std`` is the sample standard deviation over seeds (ddof = 1), ``ci_low`` / ``ci_high``
+Student's t 95% interval of the mean (``report/stats.py``), both empty for a single seed; ``<metric>_n``
+counts the runs whose value is finite, and ``n_seeds`` the fewest of those over the row's metrics.
 Metric values keep the metrics file's units (AP / EPA / MR as fractions, distances in metres, times
 in seconds); the Markdown states which AP sort order the runs used.
 """
@@ -15,14 +17,19 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from turbotrain.budgets import SPENT_COLUMNS
+from turbotrain.report.stats import mean_interval
 from turbotrain.utils.atomic import atomic_open, write_text
 from turbotrain.utils.errors import ConfigError
 
 MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr", "wall_s", "gpu_hours", "cpu_hours")
 ABLATION_METRICS = ("map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr")
 DATA_EFFICIENCY_METRICS = ("map@0.3", "map@0.5", "epa", "min_fde")
-EFFICIENCY_METRICS = ("wall_s", "total_wall_s", "epochs", "gpu_hours", "cpu_hours", "time_to_ap50_s", "time_to_epa_s", "map@0.5", "epa")
+# budget accounting: fine-tuning, pretraining and summed (budgets.SPENT_COLUMNS), then time and accuracy
+EFFICIENCY_METRICS = (*SPENT_COLUMNS, "epochs", "gpu_hours", "cpu_hours", "time_to_ap50_s", "time_to_epa_s",
+                      "map@0.5", "epa")
 BENCHMARK_METRICS = ("bench_s", "bench_cpu_s", "bench_max_rss_mb")
+STAT_SUFFIXES = ("_mean", "_std", "_n", "_ci_low", "_ci_high")
 
 
 def build_table(frame: pd.DataFrame, rows: list[str], columns: list[str]) -> pd.DataFrame:
@@ -32,10 +39,15 @@ def build_table(frame: pd.DataFrame, rows: list[str], columns: list[str]) -> pd.
         raise ConfigError(f"table needs columns {missing} that the metrics frame lacks (has {sorted(frame.columns)})")
     _check_one_run_per_seed(frame, rows)
     groups = frame.groupby(rows, dropna=False, sort=True)
-    stats = groups[columns].agg(["mean", "std"])
-    stats.columns = [f"{metric}_{stat}" for metric, stat in stats.columns]
-    stats["n_seeds"] = groups.size()
-    return stats.reset_index()
+    table = groups[columns].agg(["mean", "std", "count"])
+    table.columns = [f"{metric}_{'n' if stat == 'count' else stat}" for metric, stat in table.columns]
+    for metric in columns:
+        intervals = groups[metric].agg(lambda v: mean_interval(list(v))[1:])
+        table[f"{metric}_ci_low"] = [low for low, _ in intervals]
+        table[f"{metric}_ci_high"] = [high for _, high in intervals]
+    counts = table[[f"{m}_n" for m in columns]]
+    table["n_seeds"] = counts.where(counts > 0).min(axis=1).fillna(0).astype(int)  # metrics a row reports
+    return table.reset_index()
 
 
 def _check_one_run_per_seed(frame: pd.DataFrame, rows: list[str]) -> None:
@@ -63,14 +75,14 @@ def render_markdown(df: pd.DataFrame, note: str | None = None) -> str:
     """Markdown pipe table of a :func:`build_table` result; metric cells read "mean ± std"."""
     # Hand-written rather than DataFrame.to_markdown, which needs tabulate, not a project dependency.
     metrics = [c[: -len("_mean")] for c in df.columns if c.endswith("_mean")]
-    keys = [c for c in df.columns if not c.endswith(("_mean", "_std")) and c != "n_seeds"]
+    keys = [c for c in df.columns if not c.endswith(STAT_SUFFIXES) and c != "n_seeds"]
     header = [*keys, *metrics, "seeds"]
     alignment = ["---"] * len(keys) + ["---:"] * (len(metrics) + 1)  # numbers right-aligned
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(alignment) + "|"]
     decimals = {m: _decimals(df[f"{m}_mean"]) for m in metrics}
     for _, record in df.iterrows():
         cells = [_key_cell(record[k]) for k in keys]
-        cells += [_metric_cell(record[f"{m}_mean"], record.get(f"{m}_std"), decimals[m]) for m in metrics]
+        cells += [_metric_cell(record, m, decimals[m]) for m in metrics]
         cells.append(str(int(record["n_seeds"])) if "n_seeds" in record else "")
         lines.append("| " + " | ".join(cells) + " |")
     if note:
@@ -93,12 +105,21 @@ def _key_cell(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _metric_cell(mean: float, std: float | None, decimals: int) -> str:
+def _metric_cell(record: pd.Series, metric: str, decimals: int) -> str:
+    """``mean ± std [low, high]``, plus ``(n=k)`` where fewer seeds than the row's report it."""
+    mean, std = record[f"{metric}_mean"], record.get(f"{metric}_std")
     if mean is None or math.isnan(mean):
         return "–"
     if std is None or math.isnan(std):
         return f"{mean:.{decimals}f}"
-    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    cell = f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    low, high = record.get(f"{metric}_ci_low"), record.get(f"{metric}_ci_high")
+    if low is not None and not math.isnan(low):
+        cell += f" [{low:.{decimals}f}, {high:.{decimals}f}]"
+    n = record.get(f"{metric}_n")
+    if n is not None and "n_seeds" in record and n != record["n_seeds"]:
+        cell += f" (n={int(n)})"
+    return cell
 
 
 def _present(frame: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
@@ -124,11 +145,16 @@ def _sort_note(frame: pd.DataFrame) -> str:
     rules = sorted(frame["gt_range_rule"].dropna().unique()) if "gt_range_rule" in frame.columns else []
     ground_truth = f" Ground-truth boxes: {'/'.join(rules)} inside the range (dataset.gt_range_rule)." if rules else ""
     return (f"AP detections sorted: {shown} (global = across the split; local = OpenCOOD per-frame order)."
-            f"{ground_truth} Mean ± sample std over seeds.")
+            f"{ground_truth} Mean ± sample std [95% t interval of the mean] over seeds.")
+
+
+def _with_budget(frame: pd.DataFrame, rows: Sequence[str]) -> list[str]:
+    """Row keys plus the compute budget: runs of one arm at two budgets are different experiments."""
+    return [*rows, "budget"] if "budget" in frame.columns and "budget" not in rows else list(rows)
 
 
 def _build_and_write(frame, rows, metrics, csv_path) -> pd.DataFrame:
-    table = build_table(frame, rows, _present(frame, metrics))
+    table = build_table(frame, _with_budget(frame, rows), _present(frame, metrics))
     write_table(table, csv_path, _sort_note(frame))
     return table
 
@@ -157,7 +183,7 @@ def transfer_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment:
     """Pretraining objective x pretraining data (A, B, A+B, ...) for runs fine-tuned on one dataset."""
     frame = _select(frame, experiment)
     tuned_on = "/".join(sorted(frame["dataset"].unique()))
-    table = build_table(frame, ["pretrain_type", "pretrain_data"], _present(frame, metrics))
+    table = build_table(frame, _with_budget(frame, ["pretrain_type", "pretrain_data"]), _present(frame, metrics))
     write_table(table, csv_path, f"Fine-tuned and evaluated on {tuned_on}. " + _sort_note(frame))
     return table
 
@@ -190,7 +216,7 @@ def efficiency_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experimen
     if benchmarks:
         totals = [benchmark_totals(benchmarks.get(run_id, ())) for run_id in frame["run_id"]]
         frame = frame.join(pd.DataFrame(totals, index=frame.index))
-    table = build_table(frame, list(rows), _present(frame, [*EFFICIENCY_METRICS, *BENCHMARK_METRICS]))
+    table = build_table(frame, _with_budget(frame, rows), _present(frame, [*EFFICIENCY_METRICS, *BENCHMARK_METRICS]))
     write_table(table, csv_path, _sort_note(frame) + " " + _target_note(targets))
     return table
 

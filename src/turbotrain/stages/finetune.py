@@ -8,6 +8,7 @@ from turbotrain.build import build_model, cache_fingerprint, device_of, evaluati
 from turbotrain.data.sample import collate
 from turbotrain.contract import FUSION_MODES, Run, finetune_depends
 from turbotrain.pretrain.transfer import load_pretrained, pretrained_meta
+from turbotrain.train.accounting import combine_stages, seen_indices, with_pretraining
 from turbotrain.train.balancers import build_balancer
 from turbotrain.train.curve import TrainingCurve, recalibrate_batchnorm
 from turbotrain.train.distributed import is_main_process
@@ -38,29 +39,31 @@ def finetune(config: dict, run: Run, cache_root: str, pretrained: str | None, ou
     # parts pretraining does not provide) a function of the run's seed, as a rerun needs.
     seed_everything(run.seed)
     model = build_model(config, run.fusion)
-    pretrain_s = 0.0
+    pretraining = None
     if pretrained:
         report = load_pretrained(model, pretrained)
-        pretrain_s = float(pretrained_meta(pretrained).get("wall_s", 0.0))
+        pretraining = pretrained_meta(pretrained)
         if is_main_process():
             write_json(out / "transfer.json", report.summary())
+    pretrain_s = float((pretraining or {}).get("wall_s", 0.0))
     val = evaluation_dataset(config, cache_root, run.fusion, split="val") if config["evaluation"]["curve_samples"] else None
     curve = TrainingCurve(config, run, val, device_of(config))
     stages = recipe_stages(config, run)
-    totals = {"wall_s": 0.0, "steps": 0, "epochs": 0.0}
-    previous_final, world_size = None, 1
+    summaries, seen, previous_final = [], [], None
     for i, stage in enumerate(stages):
         stage_dir = out / "stages" / f"{i + 1}-{stage.name}"
-        summary = _run_stage(config, run, cache_root, model, stage, stage_dir, previous_final, curve,
-                             pretrain_s + totals["wall_s"])
-        previous_final, world_size = stage_dir / "final.pt", summary["world_size"]
-        totals["wall_s"] += summary["wall_s"]
-        totals["steps"] += summary["steps"]
-        totals["epochs"] += float(summary["epochs"])
+        wall_so_far = sum(s["wall_s"] for s in summaries)
+        summary, stage_seen = _run_stage(config, run, cache_root, model, stage, stage_dir, previous_final, curve,
+                                         pretrain_s + wall_so_far)
+        previous_final = stage_dir / "final.pt"
+        summaries.append(summary)
+        seen.append(stage_seen)
+    # every stage reads the same labelled subset (fusion modes differ in agents, not in samples)
+    totals = {**combine_stages(summaries, seen), "epochs": sum(float(s["epochs"]) for s in summaries)}
+    world_size = summaries[-1]["world_size"]
     device = device_of(config)
     hours = totals["wall_s"] / 3600 * world_size
-    training = {**totals, "device": device.type, "world_size": world_size, "pretrain_wall_s": pretrain_s,
-                "total_wall_s": totals["wall_s"] + pretrain_s,
+    training = {**with_pretraining(totals, pretraining), "device": device.type, "world_size": world_size,
                 "gpu_hours": hours if device.type == "cuda" else 0.0,
                 "cpu_hours": hours if device.type == "cpu" else 0.0, "curve": curve.points}
     if is_main_process():
@@ -103,4 +106,4 @@ def _run_stage(config, run, cache_root, model, stage: Stage, stage_dir: Path, pr
         # The job log is the only trace that a rerun or requeued job continued from last.pt.
         log.info("stage %s: resumed from step %d, trained to step %d", stage.name, summary["resumed_from_step"],
                  summary["steps"])
-    return summary
+    return summary, seen_indices(len(data), cfg.batch_size * cfg.grad_accum_steps, cfg.seed, summary["steps"])

@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from turbotrain.budgets import SPENT_KEYS
 from turbotrain.build import cache_fingerprint, train_config
 from turbotrain.data.sample import collate
 from turbotrain.contract import SCHEDULE, pretrain_depends, pretraining_steps
@@ -55,7 +56,7 @@ def pretrain(config: dict, variant_name: str, fusion: str, cache_roots: list[str
     meta = {"variant": variant_name, **variant, "fusion": fusion, "budget": budget, "points_per_cell": section["points_per_cell"],
             "max_target_points": section["max_target_points"], "dataset": config["dataset"]["name"],
             "pretrain_data": _data_card(config, data, setup.sources), "fusion_mode": setup.fusion_mode,
-            "history": setup.history, "samples": len(data), "steps": summary["steps"], "wall_s": summary["wall_s"],
+            "history": setup.history, "samples": len(data), **{key: summary[key] for key in SPENT_KEYS}, "device": summary["device"],
             "elapsed_s": time.time() - started, "commit": git_commit()}
     if is_main_process():
         save_pretrained(run_dir / "pretrained.pt", objective.export(), objective.export_groups, meta)

@@ -7,13 +7,13 @@ import pandas as pd
 
 from turbotrain.evaluate.metrics_file import metrics_frame
 from turbotrain.contract import TRAJECTORY_TYPES, Run, expand_runs, pretrained_path, pretraining_sources, template
-from turbotrain.report import figures, tables
+from turbotrain.report import claims, figures, tables
 from turbotrain.utils.errors import ConfigError
 
 
 def _run_of(row: pd.Series) -> Run:
     return Run.from_fields(row["dataset"], row["fusion"], row["pretrain"], row["recipe"], row["balancer"],
-                           row["label_fraction"], row["seed"])
+                           row["label_fraction"], row["seed"], row["budget"])
 
 
 def _benchmarks(frame: pd.DataFrame) -> dict[str, list[str]]:
@@ -22,7 +22,7 @@ def _benchmarks(frame: pd.DataFrame) -> dict[str, list[str]]:
     for _, row in frame.iterrows():
         run = _run_of(row)
         paths = [Path(run.path("finetune_benchmark"))]
-        fields = {"dataset": run.dataset, "fusion": run.trained_fusion, "pretrain": run.pretrain}
+        fields = {"dataset": run.dataset, "fusion": run.trained_fusion, "pretrain": run.pretrain, "budget": run.budget}
         if Path(template("pretrained", **fields)).exists():
             paths.append(Path(template("pretrain_benchmark", **fields)))
         out[row["run_id"]] = [str(p) for p in paths if p.exists()]
@@ -42,6 +42,7 @@ TABLE_BUILDERS = {
     "efficiency": _efficiency,
     "data_efficiency": lambda config, frame, out: tables.data_efficiency_table(frame, out),
     "transfer": lambda config, frame, out: tables.transfer_table(frame, out),
+    "claims": lambda config, frame, out: claims.claims_table(frame, out),
 }
 
 
@@ -107,6 +108,8 @@ FIGURE_BUILDERS = {
     "qualitative_bev": lambda config, frame, out_png, cache_root: _qualitative(config, frame, out_png, cache_root),
     "trajectory_pretraining": lambda config, frame, out_png, cache_root: figures.trajectory_pretraining(
         _trajectory_pretraining_logs(config, frame), out_png),
+    "claims": lambda config, frame, out_png, cache_root: figures.claims(
+        claims.measure_claims(_of_table(frame, config, "claims")), out_png),
 }
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from turbotrain.train.accounting import TrunkBackwardCounter, seen_indices
 from turbotrain.train.balancers.base import Balancer
 from turbotrain.train.checkpoint import CheckpointFiles, capture_rng_state, restore_rng_state
 from turbotrain.train.distributed import (
@@ -54,6 +55,7 @@ from turbotrain.train.distributed import (
     unwrap_model,
     wrap_model,
 )
+from turbotrain.train.sampling import epoch_permutation, mixed_seed
 from turbotrain.train.scalars import ScalarLogger, progress_bar
 from turbotrain.train.schedule import build_warmup_cosine
 from turbotrain.utils.errors import ConfigError
@@ -158,18 +160,6 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------------------- data order
-def mixed_seed(*entropy: int) -> int:
-    """A 63-bit seed from several integers; SeedSequence mixing keeps streams of neighbouring
-    inputs (seed, epoch) uncorrelated, which ``seed + epoch`` would not."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The global sample order of one epoch; a pure function of ``(seed, epoch)``."""
-    generator = torch.Generator().manual_seed(mixed_seed(seed, epoch))
-    return torch.randperm(num_samples, generator=generator)
-
-
 class GlobalBatchSampler(Sampler[list[int]]):
     """This rank's share of each micro-batch of one epoch, starting at optimizer step ``start_step``."""
 
@@ -301,6 +291,10 @@ class Progress:
     wall_s: float = 0.0  # training time, without evaluation callbacks
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)
     last_losses: dict[str, float] = field(default_factory=dict)
+    # budget accounting (accounting.py): global samples read, and passes through the trunk
+    samples_seen: int = 0
+    trunk_forwards: int = 0
+    trunk_backwards: int = 0
 
 
 @dataclass
@@ -421,6 +415,7 @@ class Trainer:
                     else torch.autocast(self.ctx.device.type, dtype=self.amp_dtype))
         with autocast:
             out = dict(self.step_fn(self.model, batch))
+        self.progress.trunk_forwards += 1
         details = dict(out.pop(LOG_KEY, {}) or {})
         features = out.pop(FEATURES_KEY, None)
         if not out:
@@ -530,6 +525,9 @@ class Trainer:
         p = self.progress
         p.step += 1
         p.step_in_epoch += 1
+        p.samples_seen += self.cfg.batch_size * self.cfg.grad_accum_steps
+        p.trunk_backwards += self._trunk_backwards.count
+        self._trunk_backwards.count = 0
         p.last_losses = result.losses
         for k, v in result.losses.items():
             p.epoch_loss_sums[k] = p.epoch_loss_sums.get(k, 0.0) + v
@@ -569,12 +567,14 @@ class Trainer:
         bar = progress_bar(self.total_steps, self.progress.step, self.ctx.is_main)
         self._train_mode()
         self._session_start, self._wall_at_start = time.perf_counter(), self.progress.wall_s
+        self._trunk_backwards = TrunkBackwardCounter(self.shared_params)
         try:
             while self.progress.step < self.total_steps:
                 self._run_epoch(logger, bar)
             if not self.files.final.exists() or self.resumed_from < self.total_steps:
                 self.save(final=True)
         finally:
+            self._trunk_backwards.close()
             bar.close()
             logger.close()
         barrier(self.ctx)
@@ -604,6 +604,12 @@ class Trainer:
         return {"steps": self.progress.step,
                 "epochs": self.progress.step / self.steps_per_epoch,
                 "wall_s": self.progress.wall_s,
+                "samples_seen": self.progress.samples_seen,
+                "unique_samples_seen": len(seen_indices(len(self.dataset), self.cfg.batch_size * self.cfg.grad_accum_steps,
+                                                        self.cfg.seed, self.progress.step)),
+                # per micro-batch of the global batch (ranks run theirs side by side)
+                "trunk_forwards": self.progress.trunk_forwards,
+                "trunk_backwards": self.progress.trunk_backwards,
                 "final_losses": dict(self.progress.last_losses),
                 "device": str(self.ctx.device),
                 "world_size": self.ctx.world_size,
