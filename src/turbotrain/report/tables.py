@@ -15,11 +15,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from turbotrain.evaluate.prediction import PREDICTION_METRICS
 from turbotrain.utils.atomic import atomic_open, write_text
 from turbotrain.utils.errors import ConfigError
 
-MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr", "wall_s", "gpu_hours", "cpu_hours")
-ABLATION_METRICS = ("map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr")
+MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "epa_raw", "min_ade", "min_fde", "mr", "wall_s", "gpu_hours", "cpu_hours")
+ABLATION_METRICS = ("map@0.5", "map@0.7", "epa", "epa_raw", "min_ade", "min_fde", "mr")
 DATA_EFFICIENCY_METRICS = ("map@0.3", "map@0.5", "epa", "min_fde")
 EFFICIENCY_METRICS = ("wall_s", "total_wall_s", "epochs", "gpu_hours", "cpu_hours", "time_to_ap50_s", "time_to_epa_s", "map@0.5", "epa")
 BENCHMARK_METRICS = ("bench_s", "bench_cpu_s", "bench_max_rss_mb")
@@ -123,8 +124,10 @@ def _sort_note(frame: pd.DataFrame) -> str:
     shown = "/".join(modes) if modes else "n/a"
     rules = sorted(frame["gt_range_rule"].dropna().unique()) if "gt_range_rule" in frame.columns else []
     ground_truth = f" Ground-truth boxes: {'/'.join(rules)} inside the range (dataset.gt_range_rule)." if rules else ""
+    prediction = (" Prediction metrics as ViP3D's scorer computes them, per class (`epa/car`) and their class"
+                  " mean (`epa`); EPA = max(EPA_raw, 0) (docs/metrics.md)." if "epa" in frame.columns else "")
     return (f"AP detections sorted: {shown} (global = across the split; local = OpenCOOD per-frame order)."
-            f"{ground_truth} Mean ± sample std over seeds.")
+            f"{ground_truth}{prediction} Mean ± sample std over seeds.")
 
 
 def _build_and_write(frame, rows, metrics, csv_path) -> pd.DataFrame:
@@ -138,11 +141,18 @@ def per_class_ap_columns(frame: pd.DataFrame) -> list[str]:
     return sorted(c for c in frame.columns if c.startswith("ap@") and c.count("/") == 1)
 
 
+def per_class_prediction_columns(frame: pd.DataFrame) -> list[str]:
+    """``epa/<class>``, ``epa_raw/<class>``, ``min_ade/<class>``, ... columns, metric then class order."""
+    return [c for metric in PREDICTION_METRICS for c in sorted(frame.columns) if c.startswith(f"{metric}/")]
+
+
 def main_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
                rows: Sequence[str] = ("dataset", "fusion", "variant"),
                metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Variants compared on AP per class and IoU, mAP, prediction metrics and training cost."""
-    metrics = [*per_class_ap_columns(frame), *MAIN_METRICS] if metrics is None else metrics
+    """Variants compared on AP per class and IoU, mAP, prediction metrics per class and their class
+    means, and training cost."""
+    if metrics is None:
+        metrics = [*per_class_ap_columns(frame), *per_class_prediction_columns(frame), *MAIN_METRICS]
     return _build_and_write(_select(frame, experiment), list(rows), metrics, csv_path)
 
 
