@@ -285,3 +285,22 @@ def test_epa_formula_and_empty_split():
         PredictionConfig(match="hungarian")
     with pytest.raises(ValueError, match="differ in length"):
         scene(det_x=[0], det_traj=[[[0, 1], [0, 2]]], gt_x=[0], gt_future=[[[0, 1], [0, 2]]], det_classes=[0, 1])
+
+
+def test_metrics_file_keeps_per_class_prediction_metrics_as_epa_slash_class(tmp_path):
+    from pathlib import Path
+
+    from turbotrain.evaluate.metrics_file import metrics_frame, read_metrics, write_metrics
+
+    fixture = read_metrics(Path(__file__).parent / "fixtures" / "metrics" / "main-turbotrain-s0" / "metrics.json")
+    # The per-class scene of test_per_class_matching_and_class_means: car EPA 0 (raw -0.5), pedestrian 0.5.
+    frame = scene(
+        det_x=[0.5, 20, 40.5], det_traj=[[[0, 1], [0, 2]], [[20, 1], [20, 2]], [[40, 1], [40, 2]]],
+        det_classes=[PEDESTRIAN, CAR, PEDESTRIAN],
+        gt_x=[0, 40], gt_future=[[[0, 1], [0, 2]], [[40, 1], [40, 2]]], gt_classes=[CAR, PEDESTRIAN],
+    )
+    path = tmp_path / "metrics.json"
+    write_metrics(path, fixture["run"], fixture["detection"], evaluate_prediction([frame], CLASSES), fixture["training"])
+    row = metrics_frame([path]).iloc[0]
+    assert (row["epa/car"], row["epa_raw/car"], row["epa/pedestrian"], row["epa"]) == pytest.approx((0, -0.5, 0.5, 0.25))
+    assert math.isnan(row["min_ade/car"])  # nothing matched: undefined, not 0
