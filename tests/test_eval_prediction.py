@@ -304,3 +304,22 @@ def test_metrics_file_keeps_per_class_prediction_metrics_as_epa_slash_class(tmp_
     row = metrics_frame([path]).iloc[0]
     assert (row["epa/car"], row["epa_raw/car"], row["epa/pedestrian"], row["epa"]) == pytest.approx((0, -0.5, 0.5, 0.25))
     assert math.isnan(row["min_ade/car"])  # nothing matched: undefined, not 0
+
+
+def test_scoring_takes_the_matching_distance_and_k_from_the_evaluation_section():
+    from pathlib import Path
+
+    from turbotrain.config import load_config
+    from turbotrain.evaluate.detection import FrameResult
+    from turbotrain.evaluate.scoring import score_split
+
+    config = load_config(Path(__file__).parents[1] / "config" / "config.yaml")
+    ev = config["evaluation"]
+    assert (ev["epa_alpha"], ev["epa_match_distance"], ev["fde_threshold"], ev["prediction_top_k"]) == (0.5, 2.0, 2.0, 6)
+    frame = two_cars_close_together()
+    detections = [FrameResult(frame.det_boxes, frame.det_scores, frame.det_classes, frame.gt_boxes, frame.gt_classes)]
+    assert score_split(detections, [frame], config)[1]["epa"] == pytest.approx(1.0)  # as in reproduction 1
+    ev["epa_match_distance"] = 1.5  # as in test_matching_distance_is_a_parameter: EPA_raw -0.25
+    prediction = score_split(detections, [frame], config)[1]
+    assert (prediction["epa_raw"], prediction["match_threshold"], prediction["top_k"]) == (-0.25, 1.5, 6)
+    assert list(prediction["per_class"]) == config["classes"]
