@@ -234,6 +234,10 @@ def test_a_frame_without_ground_truth_still_counts_its_false_positives():
     result = evaluate_prediction([one_agent(final_error=0.0), empty], ["car"])
     assert (result["num_hits"], result["num_fp"], result["num_gt"]) == (1, 1, 1)
     assert result["epa"] == pytest.approx(0.5)
+    as_vip3d = evaluate_prediction([one_agent(final_error=0.0), empty], ["car"], PredictionConfig(frames_without_gt="skip"))
+    assert (as_vip3d["num_fp"], as_vip3d["epa"]) == (0, 1.0)  # (1 - 0) / 1
+    with pytest.raises(ValueError, match="frames_without_gt"):
+        PredictionConfig(frames_without_gt="drop")
 
 
 def test_score_threshold_agents_without_future_and_iou_matching():

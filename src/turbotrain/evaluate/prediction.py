@@ -23,7 +23,7 @@ convention and docs/faithfulness.md the places where we depart from it.
   ``epa``, ``epa_raw``, ``min_ade``, ``min_fde``, ``mr`` are means over the classes where each is defined.
 
 Kept where we differ from the scorer: a frame without ground truth still counts its detections as
-false positives (ViP3D skips such frames), and with nothing to score minADE/minFDE/MR are undefined
+false positives (ViP3D skips such frames: ``frames_without_gt="skip"``), and with nothing to score minADE/minFDE/MR are undefined
 (``None``), not 0.0.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Literal, Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from turbotrain.contract import EPA_FRAMES_WITHOUT_GT
 from turbotrain.evaluate.detection import json_number
 from turbotrain.ops.rotated_iou import rotated_iou_bev
 
@@ -88,10 +89,13 @@ class PredictionConfig:
     miss_threshold: float = 2.0  # MR: an agent is a miss when its minFDE is > this
     alpha: float = 0.5  # EPA false-positive penalty
     top_k: int | None = 6  # modes scored (None = all)
+    frames_without_gt: str = "count"  # contract.EPA_FRAMES_WITHOUT_GT; "skip" is ViP3D's scorer's choice
 
     def __post_init__(self):
         if self.match not in ("center", "iou"):
             raise ValueError(f"match must be 'center' or 'iou', got {self.match!r}")
+        if self.frames_without_gt not in EPA_FRAMES_WITHOUT_GT:
+            raise ValueError(f"frames_without_gt must be one of {EPA_FRAMES_WITHOUT_GT}, got {self.frames_without_gt!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
 
@@ -218,6 +222,8 @@ def evaluate_prediction(frames: Sequence[PredictionFrame], class_names: Sequence
     {those five, "num_gt", "num_fp", "num_hits", "num_matched", "num_matched_final"}}``, the same
     counts summed over classes, and the config's parameters``}``.
     """
+    if config.frames_without_gt == "skip":
+        frames = [frame for frame in frames if len(frame.gt_boxes)]
     matches = [match_detections(frame, config) for frame in frames]
     per_class = {}
     for class_id, name in enumerate(class_names):
@@ -230,7 +236,7 @@ def evaluate_prediction(frames: Sequence[PredictionFrame], class_names: Sequence
         result[key] = sum(block[key] for block in per_class.values())
     result.update(match=config.match, match_threshold=config.match_threshold, score_threshold=config.score_threshold,
                   fde_threshold=config.fde_threshold, miss_threshold=config.miss_threshold, alpha=config.alpha,
-                  top_k=config.top_k)
+                  top_k=config.top_k, frames_without_gt=config.frames_without_gt)
     return result
 
 
