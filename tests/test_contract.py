@@ -29,6 +29,8 @@ def test_the_schemas_enums_are_the_contracts_names():
     variant_types = variants["properties"]["type"]["enum"]
     assert variant_types == list(C.PRETRAIN_TYPES)
     assert load_schema()["$defs"]["dataset"]["properties"]["source"]["enum"] == list(C.DATA_SOURCES)
+    evaluation = load_schema()["properties"]["evaluation"]["properties"]
+    assert evaluation["epa_frames_without_gt"]["enum"] == list(C.EPA_FRAMES_WITHOUT_GT)
 
 
 def test_the_code_registries_are_the_contracts_names():

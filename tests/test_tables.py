@@ -4,6 +4,8 @@ Fixture values (mAP@0.5 per seed) and the hand-computed aggregates (sample std, 
   main/turbotrain .70 .72 .74 -> .72 ± .02        main/multistage .60 .64 -> .62 ± .028284
   ablation coopre+pcgrad mask .7: .68 .66 -> .67 ± .014142
   data_efficiency 50 %: none .50 .54 -> .52 ± .028284, coopre .60 .62 -> .61 ± .014142
+  main/* prediction per class: car = class mean + .05 EPA / -.1 minADE, pedestrian the opposite, so
+  main/turbotrain epa/car .49 .51 .53 -> .51 ± .02, min_ade/pedestrian .9 .85 .8 -> .85 ± .05
 """
 from __future__ import annotations
 
@@ -192,6 +194,22 @@ def test_main_table_reports_ap_per_class_and_iou_and_training_hours(frame, tmp_p
     assert expected and set(per_class) == expected and "ap@0.5/car_mean" in expected
     assert not any("m/" in c or c.count("/") > 1 for c in per_class)  # no per-range columns here
     assert {"cpu_hours_mean", "gpu_hours_mean", "min_ade_mean", "mr_mean", "epa_mean"} <= set(table.columns)
+
+
+def test_main_table_reports_prediction_metrics_per_class_and_their_class_means(frame, tmp_path):
+    first = frame.set_index("run_id").loc["main-turbotrain-s0"]
+    assert (first["epa/car"], first["epa/pedestrian"], first["epa"]) == pytest.approx((0.49, 0.39, 0.44))
+    assert first["epa_raw/car"] == pytest.approx(0.49)
+    table = main_table(frame, tmp_path / "main.csv", experiment="main")
+    turbo = row(table, variant="turbotrain")
+    assert (turbo["epa/car_mean"], turbo["epa/car_std"]) == pytest.approx((0.51, 0.02))
+    assert (turbo["min_ade/pedestrian_mean"], turbo["min_ade/pedestrian_std"]) == pytest.approx((0.85, 0.05))
+    expected = {f"{metric}/{name}_mean" for metric in ("epa", "epa_raw", "min_ade", "min_fde", "mr")
+                for name in ("car", "pedestrian")}
+    assert expected | {"epa_mean", "epa_raw_mean"} <= set(table.columns)
+    markdown = (tmp_path / "main.md").read_text()
+    assert " epa/car | epa/pedestrian |" in markdown.splitlines()[0]
+    assert "EPA = max(EPA_raw, 0)" in markdown
 
 
 def _transfer_metrics(tmp_path, pretrain_type, data, seed, map50):

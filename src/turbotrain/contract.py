@@ -63,6 +63,9 @@ FIGURES = ("learning_curves", "gradient_conflict", "ap_vs_time", "data_efficienc
            "trajectory_pretraining", "claims")
 SPLITS = ("train", "val", "test")
 DATA_SOURCES = ("synthetic", "download", "local")
+# evaluation.epa_frames_without_gt: count = their detections are false positives (the EPA definition);
+# skip = such frames are left out, as ViP3D's scorer (tools/prediction_eval.py) does.
+EPA_FRAMES_WITHOUT_GT = ("count", "skip")
 
 # ---------------------------------------------------------------------------------------------- paths
 

@@ -15,13 +15,15 @@ from turbotrain.evaluate.prediction import (
     end_to_end_prediction_accuracy,
     evaluate_gt_queries,
     evaluate_prediction,
+    hungarian_match,
     min_ade_fde,
     miss_rate,
+    top_k_modes,
 )
 
 __all__ = [
     "APResult", "DetectionFilter", "FrameResult", "average_precision", "evaluate_detection", "match_frame", "voc_ap",
     "metrics_frame", "read_metrics", "write_metrics",
     "PredictionConfig", "PredictionFrame", "end_to_end_prediction_accuracy", "evaluate_gt_queries",
-    "evaluate_prediction", "min_ade_fde", "miss_rate",
+    "evaluate_prediction", "hungarian_match", "min_ade_fde", "miss_rate", "top_k_modes",
 ]

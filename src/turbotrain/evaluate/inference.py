@@ -81,6 +81,9 @@ def collect(predict: Predictor, data, fusion: str, evaluation: dict, limit: int 
         for sample, out in zip(samples, outputs):
             det_frames.append(FrameResult(out["boxes"], out["scores"], out["classes"], sample.boxes, sample.classes,
                                           sample.sample_id))
-            pred_frames.append(PredictionFrame(out["boxes"], out["scores"], out["trajectories"], sample.boxes,
-                                               sample.future[..., :2], sample.future_valid, sample.sample_id))
+            pred_frames.append(PredictionFrame(
+                det_boxes=out["boxes"], det_scores=out["scores"], det_classes=out["classes"],
+                det_trajectories=out["trajectories"], gt_boxes=sample.boxes, gt_classes=sample.classes,
+                gt_future=sample.future[..., :2], gt_future_valid=sample.future_valid,
+                det_mode_probs=out.get("mode_probs"), frame_id=sample.sample_id))
     return det_frames, pred_frames

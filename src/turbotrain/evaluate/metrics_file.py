@@ -15,7 +15,8 @@ Schema (``METRICS_SCHEMA``, checked on write and on read)::
       "detection": output of evaluate_detection: {sort: "global"|"local", iou_thresholds: [..],
                    ap: {"0.5": {"car": x|null, ..}}, map: {"0.5": x|null}, num_gt: {..},
                    range: {"0-30m": {ap: .., map: ..}, ..}}           (may be {} for no detection)
-      "prediction": output of evaluate_prediction: {min_ade, min_fde, mr, epa: x|null, ..}
+      "prediction": output of evaluate_prediction: {epa, epa_raw, min_ade, min_fde, mr: x|null (class
+                    means), per_class: {"car": {epa, epa_raw, min_ade, min_fde, mr: x|null, ..}, ..}, ..}
                                                                       (may be {} for no prediction)
       "training": {wall_s, epochs, steps, gpu_hours, cpu_hours: number, device: str,
                    samples_seen, unique_samples_seen, trunk_forwards, trunk_backwards and each as
@@ -37,6 +38,7 @@ import jsonschema
 import pandas as pd
 
 from turbotrain.budgets import SPENT_COLUMNS
+from turbotrain.evaluate.prediction import PREDICTION_METRICS
 from turbotrain.utils.atomic import write_json
 from turbotrain.utils.errors import DataError
 
@@ -93,7 +95,16 @@ METRICS_SCHEMA = {
         },
         "prediction": {
             "type": "object",
-            "properties": {key: _NUMBER_OR_NULL for key in ("min_ade", "min_fde", "mr", "epa")},
+            "properties": {
+                **{key: _NUMBER_OR_NULL for key in PREDICTION_METRICS},
+                "per_class": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {key: _NUMBER_OR_NULL for key in PREDICTION_METRICS},
+                    },
+                },
+            },
         },
         "training": {
             "type": "object",
@@ -167,7 +178,7 @@ def read_metrics(path: str | os.PathLike) -> dict:
 
 
 def flatten_metrics(document: dict, run_id: str) -> dict:
-    """One flat row: run keys, ``run_id``, ``ap@0.5/car``, ``map@0.5``, ``map@0.5/0-30m``, ``min_ade``..."""
+    """One flat row: run keys, ``run_id``, ``ap@0.5/car``, ``map@0.5``, ``map@0.5/0-30m``, ``epa``, ``epa/car``..."""
     row = {key: document["run"][key] for key in RUN_KEYS}
     row["run_id"] = document["run"].get("run_id", run_id)
     # optional: metrics of other tools lack them
@@ -182,9 +193,7 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
         row.update(_flatten_ap(block, suffix=f"/{label}"))
     if "sort" in detection:
         row["ap_sort"] = detection["sort"]
-    for key in ("min_ade", "min_fde", "mr", "epa"):
-        if key in document["prediction"]:
-            row[key] = document["prediction"][key]
+    row.update(_flatten_prediction(document["prediction"]))
     training = document["training"]
     row.update({key: training[key] for key in TRAINING_KEYS})
     # fine-tuning plus the pretraining it started from (optional: older files and other tools lack it)
@@ -198,8 +207,8 @@ def metrics_frame(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per metrics file (see :func:`flatten_metrics`); undefined metrics become NaN."""
     rows = [flatten_metrics(read_metrics(p), run_id=str(Path(p).with_suffix(""))) for p in paths]
     frame = pd.DataFrame(rows)
-    numeric = ("min_ade", "min_fde", "mr", "epa", "mask_ratio")
-    metric_columns = [c for c in frame.columns if c.startswith(("ap@", "map@")) or c in numeric]
+    metric_columns = [c for c in frame.columns
+                      if c.startswith(("ap@", "map@")) or c.split("/")[0] in (*PREDICTION_METRICS, "mask_ratio")]
     frame[metric_columns] = frame[metric_columns].astype(float)
     return frame
 
@@ -209,6 +218,13 @@ def _flatten_ap(block: dict, suffix: str) -> dict:
     for iou, per_class in block.get("ap", {}).items():
         row.update({f"ap@{iou}/{name}{suffix}": value for name, value in per_class.items()})
     row.update({f"map@{iou}{suffix}": value for iou, value in block.get("map", {}).items()})
+    return row
+
+
+def _flatten_prediction(prediction: dict) -> dict:
+    row = {key: prediction[key] for key in PREDICTION_METRICS if key in prediction}
+    for name, block in prediction.get("per_class", {}).items():
+        row.update({f"{key}/{name}": block[key] for key in PREDICTION_METRICS if key in block})
     return row
 
 

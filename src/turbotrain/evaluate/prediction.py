@@ -1,28 +1,30 @@
-"""Motion prediction metrics: minADE_k / minFDE_k / miss rate, and end-to-end EPA.
+"""Motion prediction metrics: minADE_K / minFDE_K / miss rate, and end-to-end EPA, per class.
 
-Conventions:
+End-to-end evaluation follows ViP3D's official scorer (Tsinghua-MARS-Lab/ViP3D,
+``tools/prediction_eval.py``) on every point that changes the numbers; docs/metrics.md states each
+convention and docs/faithfulness.md the places where we depart from it.
 
-* Trajectories are ego-frame positions in metres; only the first two coordinates (x, y) are used, so
-  the ``(x, y, yaw)`` futures of :class:`turbotrain.data.sample.Sample` can be passed as they are.
-* ``k = K``: the minimum is over all modes given. minADE and minFDE are minimised **independently**
-  over modes (nuScenes / Waymo / ViP3D convention; Argoverse-1 instead reports the ADE of the
-  best-FDE mode).
-* ADE averages over the *valid* future steps; FDE is measured at the **last valid** step.
-* Agents without any valid future step have no defined error: they get NaN per agent and are left
-  out of every aggregate (minADE, minFDE, MR, and the EPA numerator and denominator). In end-to-end
-  evaluation they still take part in detection matching, so detecting such an agent is not a false
-  positive.
+* Trajectories are ego-frame positions in metres; only x, y are used, so the ``(x, y, yaw)`` futures
+  of :class:`turbotrain.data.sample.Sample` can be passed as they are.
+* ``K`` (``top_k``, ViP3D: 6): the K most probable modes are scored (the first K when the frame has
+  no mode probabilities). minADE and minFDE are minimised **independently** over those modes.
+* ADE averages over every *valid* future step. FDE, the miss test and the EPA hit test are taken at
+  the **final horizon step**, and only agents valid at that step enter their denominators (minFDE,
+  MR, and the EPA denominator). Agents without any valid step have no ADE either.
+* **Matching** (within a class): kept detections (score above ``score_threshold``) and ground-truth
+  agents of the current frame are assigned by the Hungarian algorithm
+  (:func:`scipy.optimize.linear_sum_assignment`) on the BEV distance between current positions,
+  keeping pairs within ``match_threshold`` (2 m); scores play no part. Every ground-truth agent takes
+  part, so detecting one that has no valid future is not a false positive (ViP3D does the same).
+* A matched agent valid at the final step is a **hit** when ``minFDE <= fde_threshold`` and a
+  **miss** when ``minFDE > miss_threshold`` (both 2 m, so every such agent is one or the other).
+* Per class c: ``EPA_raw(c) = (hits(c) - alpha * false positives(c)) / GT agents(c) valid at the
+  final step``, summed over the split; ``EPA(c) = max(EPA_raw(c), 0)`` as ViP3D reports it. The split's
+  ``epa``, ``epa_raw``, ``min_ade``, ``min_fde``, ``mr`` are means over the classes where each is defined.
 
-End-to-end evaluation (:func:`evaluate_prediction`) first matches detections (score above the
-threshold, descending score order) to ground truth by greedy matching with removal, as the detection
-metric does. The criterion is configurable: BEV centre distance ``<= match_threshold`` metres
-(ViP3D-style, default 2 m) or BEV rotated IoU ``>= match_threshold``. Then
-
-    EPA = (#matched GT agents with best-mode FDE < fde_threshold - alpha * #unmatched detections)
-          / #GT agents
-
-summed over the split (not averaged per frame), alpha = 0.5 and fde_threshold = 2 m by default.
-EPA is not clipped, so a detector that floods false positives can score below zero.
+Kept where we differ from the scorer: a frame without ground truth still counts its detections as
+false positives (ViP3D skips such frames: ``frames_without_gt="skip"``), and with nothing to score minADE/minFDE/MR are undefined
+(``None``), not 0.0.
 """
 from __future__ import annotations
 
@@ -31,44 +33,78 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
-from turbotrain.evaluate.detection import greedy_match, json_number
+from turbotrain.contract import EPA_FRAMES_WITHOUT_GT
+from turbotrain.evaluate.detection import json_number
 from turbotrain.ops.rotated_iou import rotated_iou_bev
+
+# Reported per class and as their class mean; flattened per class as "epa/car" (AP: "ap@0.5/car").
+PREDICTION_METRICS = ("epa", "epa_raw", "min_ade", "min_fde", "mr")
 
 
 @dataclass(frozen=True)
 class PredictionFrame:
-    """One evaluated frame: detections with their K predicted futures, and ground-truth futures."""
+    """One evaluated frame: detections with their class and K predicted futures, and ground truth."""
 
     det_boxes: np.ndarray  # (N, 7)
     det_scores: np.ndarray  # (N,)
+    det_classes: np.ndarray  # (N,) int class index
     det_trajectories: np.ndarray  # (N, K, F, >=2)
     gt_boxes: np.ndarray  # (M, 7)
+    gt_classes: np.ndarray  # (M,) int class index
     gt_future: np.ndarray  # (M, F, >=2)
     gt_future_valid: np.ndarray  # (M, F) bool
+    det_mode_probs: np.ndarray | None = None  # (N, K); picks the top-K modes
     frame_id: str = ""
+
+    def __post_init__(self):
+        # Normalise once, so empty frames and lists behave like (0, ...) arrays.
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        put("det_boxes", np.asarray(self.det_boxes, np.float64).reshape(-1, 7))
+        put("gt_boxes", np.asarray(self.gt_boxes, np.float64).reshape(-1, 7))
+        put("det_scores", np.asarray(self.det_scores, np.float64).reshape(-1))
+        put("det_classes", np.asarray(self.det_classes, np.int64).reshape(-1))
+        put("gt_classes", np.asarray(self.gt_classes, np.int64).reshape(-1))
+        put("det_trajectories", np.asarray(self.det_trajectories, np.float64))
+        put("gt_future", np.asarray(self.gt_future, np.float64))
+        put("gt_future_valid", np.asarray(self.gt_future_valid, bool))
+        if self.det_mode_probs is not None:
+            put("det_mode_probs", np.asarray(self.det_mode_probs, np.float64))
+        n, m = len(self.det_boxes), len(self.gt_boxes)
+        if not (len(self.det_scores) == len(self.det_classes) == len(self.det_trajectories) == n):
+            raise ValueError(f"frame {self.frame_id!r}: detection boxes, scores, classes, trajectories differ in length")
+        if not (len(self.gt_classes) == len(self.gt_future) == len(self.gt_future_valid) == m):
+            raise ValueError(f"frame {self.frame_id!r}: ground-truth boxes, classes, futures differ in length")
 
 
 @dataclass(frozen=True)
 class PredictionConfig:
-    """Matching and scoring parameters of end-to-end prediction evaluation."""
+    """Matching and scoring parameters of end-to-end prediction evaluation (defaults: ViP3D's)."""
 
     match: Literal["center", "iou"] = "center"
-    match_threshold: float = 2.0  # metres for "center", IoU for "iou"
+    match_threshold: float = 2.0  # metres for "center" (evaluation.epa_match_distance), IoU for "iou"
     score_threshold: float = 0.2  # same pre-filter as detection AP
-    fde_threshold: float = 2.0  # EPA: a matched agent is a hit when its best-mode FDE is below this
-    miss_threshold: float = 2.0  # MR: an agent is a miss when its minFDE exceeds this
-    alpha: float = 0.5  # EPA false-positive penalty (ViP3D, as recalled; not verified)
+    fde_threshold: float = 2.0  # EPA: a matched agent is a hit when its minFDE is <= this
+    miss_threshold: float = 2.0  # MR: an agent is a miss when its minFDE is > this
+    alpha: float = 0.5  # EPA false-positive penalty
+    top_k: int | None = 6  # modes scored (None = all)
+    frames_without_gt: str = "count"  # contract.EPA_FRAMES_WITHOUT_GT; "skip" is ViP3D's scorer's choice
 
     def __post_init__(self):
         if self.match not in ("center", "iou"):
             raise ValueError(f"match must be 'center' or 'iou', got {self.match!r}")
+        if self.frames_without_gt not in EPA_FRAMES_WITHOUT_GT:
+            raise ValueError(f"frames_without_gt must be one of {EPA_FRAMES_WITHOUT_GT}, got {self.frames_without_gt!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
 
 
 def min_ade_fde(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-agent ``(minADE (N,), minFDE (N,))`` of ``pred`` (N, K, F, 2) against ``gt`` (N, F, 2).
 
-    NaN for agents whose ``valid`` (N, F) row has no True step.
+    minADE is NaN where the ``valid`` (N, F) row has no True step; minFDE is taken at the final step
+    and is NaN where that step is not valid.
     """
     pred = np.asarray(pred, dtype=np.float64)[..., :2]
     gt = np.asarray(gt, dtype=np.float64)[..., :2]
@@ -81,13 +117,21 @@ def min_ade_fde(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[np
         )
     error = np.linalg.norm(pred - gt[:, None], axis=-1)  # (N, K, F)
     n_valid = valid.sum(axis=1)
-    has_future = n_valid > 0
     ade = (error * valid[:, None]).sum(axis=-1) / np.maximum(n_valid, 1)[:, None]
-    last_valid = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
-    fde = np.take_along_axis(error, last_valid[:, None, None], axis=2)[..., 0]
-    min_ade = np.where(has_future, ade.min(axis=1), np.nan)
-    min_fde = np.where(has_future, fde.min(axis=1), np.nan)
+    min_ade = np.where(n_valid > 0, ade.min(axis=1), np.nan)
+    min_fde = np.where(valid[:, -1], error[:, :, -1].min(axis=1), np.nan)
     return min_ade, min_fde
+
+
+def top_k_modes(trajectories: np.ndarray, mode_probs: np.ndarray | None, k: int | None) -> np.ndarray:
+    """The ``k`` most probable modes of ``trajectories`` (N, K, F, D); the first ``k`` without probabilities."""
+    trajectories = np.asarray(trajectories, dtype=np.float64)
+    if k is None or k >= trajectories.shape[1]:
+        return trajectories
+    if mode_probs is None:
+        return trajectories[:, :k]
+    order = np.argsort(-np.asarray(mode_probs), axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(trajectories, order[:, :, None, None], axis=1)
 
 
 def miss_rate(min_fde: np.ndarray, threshold: float = 2.0) -> float:
@@ -105,83 +149,122 @@ def evaluate_gt_queries(
     return _summary(min_ade, min_fde, miss_threshold)
 
 
-def match_detections(frame: PredictionFrame, config: PredictionConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``(kept (N,) bool, matched_gt (N,) int, -1 = none)`` for the frame's detections, original order."""
-    scores = np.asarray(frame.det_scores, dtype=np.float64).reshape(-1)
-    kept = scores > config.score_threshold
-    order = np.nonzero(kept)[0][np.argsort(-scores[kept], kind="stable")]
-    det_boxes = np.asarray(frame.det_boxes, dtype=np.float64).reshape(-1, 7)[order]
-    gt_boxes = np.asarray(frame.gt_boxes, dtype=np.float64).reshape(-1, 7)
+def hungarian_match(cost: np.ndarray, admissible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` of the assignment with the most admissible pairs and, among those, the least cost.
+
+    ``cost`` must be non-negative. ViP3D replaces inadmissible costs by 10000 before
+    ``linear_sum_assignment`` and drops inadmissible pairs afterwards; any constant above the total of
+    all admissible costs orders assignments the same way (more admissible pairs first, then lower
+    cost), and this one holds for every threshold and scene size.
+    """
+    if cost.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    penalty = float(cost[admissible].sum()) + 1.0
+    rows, cols = linear_sum_assignment(np.where(admissible, cost, penalty))
+    keep = admissible[rows, cols]
+    return rows[keep], cols[keep]
+
+
+def _match_cost(det_boxes: np.ndarray, gt_boxes: np.ndarray, config: PredictionConfig) -> tuple[np.ndarray, np.ndarray]:
     if config.match == "iou":
-        similarity = rotated_iou_bev(det_boxes, gt_boxes)
-        is_match = lambda best: best >= config.match_threshold  # noqa: E731
-    else:
-        # Negated distance so the greedy matcher's "most similar" is the closest centre.
-        similarity = -np.linalg.norm(det_boxes[:, None, :2] - gt_boxes[None, :, :2], axis=-1)
-        is_match = lambda best: -best <= config.match_threshold  # noqa: E731
-    matched = np.full(len(scores), -1, dtype=np.int64)
-    matched[order] = greedy_match(similarity, is_match)
+        iou = rotated_iou_bev(det_boxes, gt_boxes)
+        return 1.0 - iou, iou >= config.match_threshold
+    distance = np.linalg.norm(det_boxes[:, None, :2] - gt_boxes[None, :, :2], axis=-1)
+    return distance, distance <= config.match_threshold
+
+
+def match_detections(frame: PredictionFrame, config: PredictionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept (N,) bool, matched_gt (N,) int, -1 = none)``: Hungarian matching within each class."""
+    kept = frame.det_scores > config.score_threshold
+    matched = np.full(len(kept), -1, dtype=np.int64)
+    for class_id in np.unique(frame.det_classes[kept]):
+        det_idx = np.flatnonzero(kept & (frame.det_classes == class_id))
+        gt_idx = np.flatnonzero(frame.gt_classes == class_id)
+        rows, cols = hungarian_match(*_match_cost(frame.det_boxes[det_idx], frame.gt_boxes[gt_idx], config))
+        matched[det_idx[rows]] = gt_idx[cols]
     return kept, matched
 
 
 @dataclass
-class _FrameCounts:
-    min_ade: np.ndarray  # matched GT agents with a valid future
-    min_fde: np.ndarray
-    num_gt: int  # GT agents with a valid future
-    num_fp: int  # kept detections matched to no GT
+class _ClassCounts:
+    min_ade: np.ndarray  # matched GT agents of the class (NaN: no valid step)
+    min_fde: np.ndarray  # (NaN: final step not valid)
+    num_gt: int  # GT agents of the class valid at the final step
+    num_fp: int  # kept detections of the class matched to no GT
 
 
-def _frame_counts(frame: PredictionFrame, config: PredictionConfig) -> _FrameCounts:
-    kept, matched = match_detections(frame, config)
-    gt_valid = np.asarray(frame.gt_future_valid, dtype=bool)
-    evaluable = gt_valid.any(axis=1)
-    det_idx = np.nonzero(matched >= 0)[0]
-    det_idx = det_idx[evaluable[matched[det_idx]]]
+def _class_counts(frame: PredictionFrame, kept: np.ndarray, matched: np.ndarray, class_id: int,
+                  config: PredictionConfig) -> _ClassCounts:
+    of_class = kept & (frame.det_classes == class_id)
+    det_idx = np.flatnonzero(of_class & (matched >= 0))
     gt_idx = matched[det_idx]
-    trajectories = np.asarray(frame.det_trajectories, dtype=np.float64)
-    gt_future = np.asarray(frame.gt_future, dtype=np.float64)
+    valid = frame.gt_future_valid
+    num_gt = int(np.sum((frame.gt_classes == class_id) & valid[:, -1])) if valid.size else 0
     if len(det_idx):
-        min_ade, min_fde = min_ade_fde(trajectories[det_idx], gt_future[gt_idx], gt_valid[gt_idx])
+        probs = None if frame.det_mode_probs is None else frame.det_mode_probs[det_idx]
+        modes = top_k_modes(frame.det_trajectories[det_idx], probs, config.top_k)
+        min_ade, min_fde = min_ade_fde(modes, frame.gt_future[gt_idx], valid[gt_idx])
     else:
         min_ade = min_fde = np.zeros(0)
-    return _FrameCounts(min_ade, min_fde, int(evaluable.sum()), int(np.sum(kept & (matched < 0))))
+    return _ClassCounts(min_ade, min_fde, num_gt, int(np.sum(of_class & (matched < 0))))
 
 
 def end_to_end_prediction_accuracy(num_hits: int, num_fp: int, num_gt: int, alpha: float = 0.5) -> float:
-    """EPA = (hits - alpha * false positives) / GT agents; NaN when there is no GT agent."""
+    """Raw EPA = (hits - alpha * false positives) / GT agents; NaN when there is no GT agent."""
     return (num_hits - alpha * num_fp) / num_gt if num_gt else math.nan
 
 
-def evaluate_prediction(frames: Sequence[PredictionFrame], config: PredictionConfig = PredictionConfig()) -> dict:
-    """Detection-matched minADE / minFDE / MR and EPA over the split; JSON-ready (undefined -> None)."""
-    counts = [_frame_counts(frame, config) for frame in frames]
-    min_ade = np.concatenate([c.min_ade for c in counts]) if counts else np.zeros(0)
-    min_fde = np.concatenate([c.min_fde for c in counts]) if counts else np.zeros(0)
-    num_gt = sum(c.num_gt for c in counts)
-    num_fp = sum(c.num_fp for c in counts)
-    num_hits = int(np.sum(min_fde < config.fde_threshold))
-    result = _summary(min_ade, min_fde, config.miss_threshold)
-    result.update(
-        epa=json_number(end_to_end_prediction_accuracy(num_hits, num_fp, num_gt, config.alpha)),
-        num_gt=num_gt,
-        num_fp=num_fp,
-        num_hits=num_hits,
-        match=config.match,
-        match_threshold=config.match_threshold,
-        score_threshold=config.score_threshold,
-        fde_threshold=config.fde_threshold,
-        alpha=config.alpha,
-    )
+def evaluate_prediction(frames: Sequence[PredictionFrame], class_names: Sequence[str],
+                        config: PredictionConfig = PredictionConfig()) -> dict:
+    """Per-class and class-mean EPA / minADE / minFDE / MR over the split; JSON-ready (undefined -> None).
+
+    Returns ``{"epa", "epa_raw", "min_ade", "min_fde", "mr"`` (class means), ``"per_class": {class:
+    {those five, "num_gt", "num_fp", "num_hits", "num_matched", "num_matched_final"}}``, the same
+    counts summed over classes, and the config's parameters``}``.
+    """
+    if config.frames_without_gt == "skip":
+        frames = [frame for frame in frames if len(frame.gt_boxes)]
+    matches = [match_detections(frame, config) for frame in frames]
+    per_class = {}
+    for class_id, name in enumerate(class_names):
+        counts = [_class_counts(frame, kept, matched, class_id, config)
+                  for frame, (kept, matched) in zip(frames, matches)]
+        per_class[name] = _class_summary(counts, config)
+    result = {key: _class_mean(per_class, key) for key in PREDICTION_METRICS}
+    result["per_class"] = per_class
+    for key in ("num_gt", "num_fp", "num_hits", "num_matched", "num_matched_final"):
+        result[key] = sum(block[key] for block in per_class.values())
+    result.update(match=config.match, match_threshold=config.match_threshold, score_threshold=config.score_threshold,
+                  fde_threshold=config.fde_threshold, miss_threshold=config.miss_threshold, alpha=config.alpha,
+                  top_k=config.top_k, frames_without_gt=config.frames_without_gt)
     return result
 
 
+def _class_summary(counts: list[_ClassCounts], config: PredictionConfig) -> dict:
+    min_ade = np.concatenate([c.min_ade for c in counts]) if counts else np.zeros(0)
+    min_fde = np.concatenate([c.min_fde for c in counts]) if counts else np.zeros(0)
+    num_gt, num_fp = sum(c.num_gt for c in counts), sum(c.num_fp for c in counts)
+    num_hits = int(np.sum(min_fde <= config.fde_threshold))  # NaN (final step not valid) is never a hit
+    raw = end_to_end_prediction_accuracy(num_hits, num_fp, num_gt, config.alpha)
+    summary = {key: value for key, value in _summary(min_ade, min_fde, config.miss_threshold).items()
+               if key != "miss_threshold"}
+    summary.update(epa=json_number(raw if math.isnan(raw) else max(raw, 0.0)), epa_raw=json_number(raw),
+                   num_gt=num_gt, num_fp=num_fp, num_hits=num_hits)
+    return summary
+
+
+def _class_mean(per_class: dict, key: str) -> float | None:
+    defined = [block[key] for block in per_class.values() if block[key] is not None]
+    return float(np.mean(defined)) if defined else None
+
+
 def _summary(min_ade: np.ndarray, min_fde: np.ndarray, miss_threshold: float) -> dict:
-    defined = ~np.isnan(min_fde)
+    has_ade, has_fde = ~np.isnan(min_ade), ~np.isnan(min_fde)
     return {
-        "min_ade": json_number(float(np.mean(min_ade[defined])) if defined.any() else math.nan),
-        "min_fde": json_number(float(np.mean(min_fde[defined])) if defined.any() else math.nan),
+        "min_ade": json_number(float(np.mean(min_ade[has_ade])) if has_ade.any() else math.nan),
+        "min_fde": json_number(float(np.mean(min_fde[has_fde])) if has_fde.any() else math.nan),
         "mr": json_number(miss_rate(min_fde, miss_threshold)),
         "miss_threshold": miss_threshold,
-        "num_matched": int(defined.sum()),
+        "num_matched": int(has_ade.sum()),
+        "num_matched_final": int(has_fde.sum()),
     }

@@ -19,11 +19,12 @@ import pandas as pd
 
 from turbotrain.budgets import SPENT_COLUMNS
 from turbotrain.report.stats import mean_interval
+from turbotrain.evaluate.prediction import PREDICTION_METRICS
 from turbotrain.utils.atomic import atomic_open, write_text
 from turbotrain.utils.errors import ConfigError
 
-MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr", "wall_s", "gpu_hours", "cpu_hours")
-ABLATION_METRICS = ("map@0.5", "map@0.7", "epa", "min_ade", "min_fde", "mr")
+MAIN_METRICS = ("map@0.3", "map@0.5", "map@0.7", "epa", "epa_raw", "min_ade", "min_fde", "mr", "wall_s", "gpu_hours", "cpu_hours")
+ABLATION_METRICS = ("map@0.5", "map@0.7", "epa", "epa_raw", "min_ade", "min_fde", "mr")
 DATA_EFFICIENCY_METRICS = ("map@0.3", "map@0.5", "epa", "min_fde")
 # budget accounting: fine-tuning, pretraining and summed (budgets.SPENT_COLUMNS), then time and accuracy
 EFFICIENCY_METRICS = (*SPENT_COLUMNS, "epochs", "gpu_hours", "cpu_hours", "time_to_ap50_s", "time_to_epa_s",
@@ -144,8 +145,10 @@ def _sort_note(frame: pd.DataFrame) -> str:
     shown = "/".join(modes) if modes else "n/a"
     rules = sorted(frame["gt_range_rule"].dropna().unique()) if "gt_range_rule" in frame.columns else []
     ground_truth = f" Ground-truth boxes: {'/'.join(rules)} inside the range (dataset.gt_range_rule)." if rules else ""
+    prediction = (" Prediction metrics as ViP3D's scorer computes them, per class (`epa/car`) and their class"
+                  " mean (`epa`); EPA = max(EPA_raw, 0) (docs/metrics.md)." if "epa" in frame.columns else "")
     return (f"AP detections sorted: {shown} (global = across the split; local = OpenCOOD per-frame order)."
-            f"{ground_truth} Mean ± sample std [95% t interval of the mean] over seeds.")
+            f"{ground_truth}{prediction} Mean ± sample std [95% t interval of the mean] over seeds.")
 
 
 def _with_budget(frame: pd.DataFrame, rows: Sequence[str]) -> list[str]:
@@ -164,11 +167,18 @@ def per_class_ap_columns(frame: pd.DataFrame) -> list[str]:
     return sorted(c for c in frame.columns if c.startswith("ap@") and c.count("/") == 1)
 
 
+def per_class_prediction_columns(frame: pd.DataFrame) -> list[str]:
+    """``epa/<class>``, ``epa_raw/<class>``, ``min_ade/<class>``, ... columns, metric then class order."""
+    return [c for metric in PREDICTION_METRICS for c in sorted(frame.columns) if c.startswith(f"{metric}/")]
+
+
 def main_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
                rows: Sequence[str] = ("dataset", "fusion", "variant"),
                metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Variants compared on AP per class and IoU, mAP, prediction metrics and training cost."""
-    metrics = [*per_class_ap_columns(frame), *MAIN_METRICS] if metrics is None else metrics
+    """Variants compared on AP per class and IoU, mAP, prediction metrics per class and their class
+    means, and training cost."""
+    if metrics is None:
+        metrics = [*per_class_ap_columns(frame), *per_class_prediction_columns(frame), *MAIN_METRICS]
     return _build_and_write(_select(frame, experiment), list(rows), metrics, csv_path)
 
 

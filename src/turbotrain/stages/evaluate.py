@@ -7,7 +7,7 @@ from pathlib import Path
 
 from turbotrain.build import build_model, device_of, evaluation_dataset
 from turbotrain.evaluate.inference import Predictor, collect
-from turbotrain.evaluate.metrics_file import write_metrics
+from turbotrain.evaluate.metrics_file import PREDICTION_METRICS, write_metrics
 from turbotrain.evaluate.scoring import score_split
 from turbotrain.contract import LIDAR_TYPES, Run, pretraining_sources
 from turbotrain.train.checkpoint import load_checkpoint
@@ -34,7 +34,7 @@ def evaluate(config: dict, run: Run, checkpoint: str, cache_root: str, out_path:
         "gt_range_rule": dataset.manifest["config"]["gt_range_rule"],
     }
     write_metrics(out_path, run_record, detection, prediction, training)
-    return {"detection": detection["map"], "prediction": {k: prediction[k] for k in ("min_ade", "min_fde", "mr", "epa")}}
+    return {"detection": detection["map"], "prediction": {k: prediction[k] for k in PREDICTION_METRICS}}
 
 
 def _training_record(run_dir: Path) -> dict:
