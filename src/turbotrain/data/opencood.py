@@ -405,6 +405,19 @@ def read_agent_frame(
         return None
 
 
+def read_agent_points(
+    index: ScenarioIndex, agent_id: int, timestamp: str, on_bad_frame: BadFramePolicy = "error",
+    report: SkipReport | None = None,
+) -> np.ndarray | None:
+    """The points of a frame whose labels were read already; ``None`` when bad and ``on_bad_frame="skip"``."""
+    _check_policy(on_bad_frame)
+    try:
+        return read_points(_points_path(Path(index.path) / str(int(agent_id)), timestamp))
+    except DataError as err:
+        _handle_bad(err, on_bad_frame, report)
+        return None
+
+
 def _resolve_timestamp(index: ScenarioIndex, agent_id: int, timestamp: str | int) -> str:
     """An int is matched against the agent's indexed timestamps, whatever their padding."""
     if isinstance(timestamp, str):
