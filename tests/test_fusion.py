@@ -1,5 +1,6 @@
 """The fusion cache on a hand-made world written with the real OpenCOOD writer."""
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +330,11 @@ def test_tilted_synthetic_scene_track_states_and_points_agree_with_the_label_box
             assert points_in_boxes(points[on_object], grown)[:, 0].all()
             object_points += int(on_object.sum())
     assert checked_states > 50 and object_points > 50
+
+
+def test_each_label_file_is_parsed_once(raw_world, tmp_path, monkeypatch):
+    parsed = Counter()
+    real = opencood._load_yaml
+    monkeypatch.setattr(opencood, "_load_yaml", lambda path: (parsed.update([str(path)]), real(path))[1])
+    summary = fuse(raw_world, tmp_path / "cache")
+    assert summary["samples"] > 0 and parsed and max(parsed.values()) == 1

@@ -32,17 +32,17 @@ def read_pcd(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_pcd(
-    path: str | os.PathLike, points: np.ndarray, binary: bool = True, compressed: bool = False
+    path: str | os.PathLike, points: np.ndarray, binary: bool = True, compressed: bool = False, fsync: bool = True,
 ) -> None:
     """Write ``(N, >=3)`` points as ``x y z intensity`` float32, atomically.
 
     ``binary=False`` writes PCL ASCII; ``compressed=True`` (with ``binary``) writes binary_compressed.
-    A missing intensity column is written as zeros.
+    A missing intensity column is written as zeros. ``fsync``: see :mod:`turbotrain.utils.atomic`.
     """
     xyzi = as_xyzi(points)
     cloud = PointCloud.from_xyzi_points(xyzi)
     encoding = _encoding_for(binary, compressed)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=fsync) as tmp:
         cloud.save(tmp, encoding=encoding)
 
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from turbotrain.grid import Grid
+from turbotrain.utils.atomic import sync_tree
 from turbotrain.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,10 @@ def generate(config: dict, out_dir: str | Path) -> dict:
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     ds = config["dataset"]
-    summary = generate_dataset(tmp, preset=ds["preset"], seed=config["seed"], overrides=ds["synthetic_overrides"])
+    # Files inside the temporary folder skip their own fsync: the folder is synced once, then renamed.
+    summary = generate_dataset(tmp, preset=ds["preset"], seed=config["seed"], overrides=ds["synthetic_overrides"],
+                               fsync=False)
+    sync_tree(tmp)
     _replace_dir(tmp, out)
     return summary
 

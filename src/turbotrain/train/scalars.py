@@ -11,12 +11,14 @@ import csv
 import math
 import sys
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, TYPE_CHECKING, Mapping
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from turbotrain.utils.atomic import atomic_open
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 Row = Mapping[str, float | int | str]
 
@@ -90,6 +92,9 @@ class ScalarLogger:
         run_dir = Path(run_dir)
         self.csv = CsvScalarLog(run_dir / "metrics.csv")
         self.csv.truncate_after(resume_step)
+        # Imported here: tensorboard costs ~1 s per job process that logs nothing (evaluation, --help).
+        from torch.utils.tensorboard import SummaryWriter
+
         # purge_step hides events a killed run wrote after its last checkpoint (all of them on a fresh start).
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 

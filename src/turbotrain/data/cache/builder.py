@@ -6,6 +6,7 @@ within ``comm_range`` of the ego's at ``t`` (the ``max_agents`` closest, ego fir
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -72,9 +73,10 @@ def build_cache(
     skipped = opencood.SkipReport()
     scenarios = sorted(opencood.index_split(raw_root, split, on_bad_frame=on_bad_frame, report=skipped), key=lambda s: s.name)
     read = functools.partial(opencood.read_agent_frame, on_bad_frame=on_bad_frame, report=skipped)
+    read_points = functools.partial(opencood.read_agent_points, on_bad_frame=on_bad_frame, report=skipped)
     builder = _CacheBuilder(config, split, split_dir, Voxelizer(grid, max_points_per_voxel, max_voxels, voxel_backend), shard_size)
     for index in tqdm(scenarios, desc=f"fuse {split}", unit="scenario", disable=not progress):
-        builder.add_scenario(ScenarioReader(read, index))
+        builder.add_scenario(ScenarioReader(read, index, read_points))
     return builder.finish(skipped_by_field=dict(sorted(skipped.by_field.items())))
 
 
@@ -85,9 +87,11 @@ def build_cache(
 class ScenarioReader:
     """One scenario's frames: poses and labels cached per frame, points read when voxelised; counts bad frames."""
 
-    def __init__(self, read_agent_frame: Callable[..., AgentFrameRecord | None], index: ScenarioIndex):
+    def __init__(self, read_agent_frame: Callable[..., AgentFrameRecord | None], index: ScenarioIndex,
+                 read_agent_points: Callable[..., np.ndarray | None]):
         self.index = index
         self._read = read_agent_frame  # (index, agent_id, timestamp, load_points=) -> record | None
+        self._read_points = read_agent_points  # (index, agent_id, timestamp) -> points | None
         self._meta: dict[tuple[int, str], AgentFrameRecord | None] = {}
         self.bad_frames = 0
         self.timeline = _timeline(index)
@@ -104,7 +108,13 @@ class ScenarioReader:
         return self._meta[key]
 
     def with_points(self, agent_id: int, timestamp: str) -> AgentFrameRecord | None:
-        return self._load(agent_id, timestamp, load_points=True)
+        """The cached :meth:`meta` record with its points read: each label YAML is parsed once."""
+        meta = self.meta(agent_id, timestamp)
+        if meta is None:
+            return None
+        points = self._read_points(self.index, agent_id, timestamp)
+        self.bad_frames += points is None
+        return None if points is None else dataclasses.replace(meta, points=points)
 
     def _load(self, agent_id: int, timestamp: str, load_points: bool) -> AgentFrameRecord | None:
         record = self._read(self.index, agent_id, timestamp, load_points=load_points)

@@ -363,9 +363,13 @@ def split_kinds(seed: int, split: str, config: GenerationConfig) -> list[str]:
 
 def generate_scenario(
     root: str | os.PathLike, split: str, index: int, kind: str, config: GenerationConfig, seed: int,
-    progress: bool = False,
+    progress: bool = False, fsync: bool = True,
 ) -> dict:
-    """Simulate and write one scenario; returns its summary (name, kind, agents, frames, points)."""
+    """Simulate and write one scenario; returns its summary (name, kind, agents, frames, points).
+
+    ``fsync=False``: ``root`` is a folder moved into place whole once finished (see
+    :mod:`turbotrain.utils.atomic`), so the frame files skip their per-file flush.
+    """
     # spawn(4) gives the same first three children as spawn(3): the mount stream came later.
     layout_seq, traffic_seq, sensor_seq, mount_seq = scenario_seed(seed, split, index).spawn(4)
     layout_rng, traffic_rng, sensor_rng = (np.random.default_rng(s) for s in (layout_seq, traffic_seq, sensor_seq))
@@ -390,7 +394,7 @@ def generate_scenario(
                 scenario=name, agent_id=agent.agent_id, timestamp=timestamp, lidar_pose=pose,
                 points=cloud, objects=near, ego_speed=agent.speed(),
             )
-            write_agent_frame(root, split, record, binary=config.binary_pcd)
+            write_agent_frame(root, split, record, binary=config.binary_pcd, fsync=fsync)
             points += len(cloud)
             labels += len(near)
         rows += track_rows(renamed(lifted(objects, config.map_height), config), timestamp)
@@ -425,12 +429,13 @@ def _scenario_task(args: tuple) -> dict:
 
 def generate_dataset(
     root: str | os.PathLike, preset: str | dict = "smoke", seed: int = 0,
-    overrides: dict | None = None, progress: bool = True,
+    overrides: dict | None = None, progress: bool = True, fsync: bool = True,
 ) -> dict:
     """Generate every split of a preset under ``root``; returns (and writes) a summary.
 
     The summary counts scenarios, agent-frames and points per split, lists every scenario, and is
-    written last to ``<root>/synth_summary.json`` (its presence marks a finished run).
+    written last to ``<root>/synth_summary.json`` (its presence marks a finished run). ``fsync=False``
+    when ``root`` is a temporary folder its caller syncs once and renames into place.
     """
     config = resolve_config(preset, overrides)
     tasks = [
@@ -438,24 +443,24 @@ def generate_dataset(
         for split in config.splits for i, kind in enumerate(split_kinds(seed, split, config))
     ]
     _warn_unplanned(root, config)
-    scenarios = _run_tasks(tasks, config.workers, progress)
+    scenarios = _run_tasks(tasks, config.workers, progress, fsync)
     summary = _summarise(scenarios, config, preset, seed)
     write_json(Path(root) / SUMMARY_FILE, summary)
     return summary
 
 
-def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> list[dict]:
+def _run_tasks(tasks: list[tuple], workers: int, progress: bool, fsync: bool) -> list[dict]:
     bar = tqdm(total=len(tasks), desc="scenarios", disable=not progress)
     results = []
     if workers == 1:
         for task in tasks:
-            results.append(generate_scenario(*task, progress=progress))
+            results.append(generate_scenario(*task, progress=progress, fsync=fsync))
             bar.update()
     else:
         # "spawn": forking a process that runs tqdm's monitor thread can deadlock.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for result in pool.map(_scenario_task, tasks):
+            for result in pool.map(_scenario_task, [(*task, False, fsync) for task in tasks]):
                 results.append(result)
                 bar.update()
     bar.close()

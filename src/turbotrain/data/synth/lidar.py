@@ -2,9 +2,9 @@
 
 Rays form a regular grid of ``beams`` elevations x ``360 / horizontal_resolution`` azimuths in the
 sensor frame. Each box (a vehicle, pedestrian, parked car or building) is intersected with the
-slab method in the box's own frame; only the azimuth columns the box can cover are tested, which
-is why the loop runs over boxes (tens) and never over rays (thousands). The nearest hit per ray
-wins, so near objects occlude far ones. Range noise, random dropout and an intensity that depends
+slab method in the box's own frame; only the azimuth columns the box can cover are tested, all
+(box, column) pairs in one array operation. The nearest hit per ray wins, so near objects occlude
+far ones. Range noise, random dropout and an intensity that depends
 on the surface material and the incidence angle make the clouds look like sensor data.
 
 The sensor pose may only carry a yaw (roll = pitch = 0): the scene's ground is flat and every
@@ -83,19 +83,32 @@ def cast_rays(spec: LidarSpec, boxes: np.ndarray, materials: np.ndarray, ground_
     """Nearest hits of the sensor's rays (origin at 0) with ``boxes`` (sensor frame) and the ground.
 
     ``ground_z`` is the ground plane's height in the sensor frame (``None``: no ground). Boxes that
-    contain the sensor are skipped: a sensor does not see its own mount.
+    contain the sensor are skipped: a sensor does not see its own mount. All (box, column) pairs are
+    intersected at once; per ray the nearest box wins, ties to the lower box index, and a box must be
+    strictly nearer than the ground -- the order a box-by-box loop would give.
     """
     directions = spec.directions()
     distance, material, cos_incidence = _ground_hits(directions, ground_z, spec.max_range)
-    for box, box_material in zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 7), materials):
-        columns = _columns_covering(box, spec)
-        if columns is None:
-            continue
-        t, cos_box = intersect_box(directions[:, columns], box)
-        nearer = t < distance[:, columns]
-        distance[:, columns] = np.where(nearer, t, distance[:, columns])
-        material[:, columns] = np.where(nearer, box_material, material[:, columns])
-        cos_incidence[:, columns] = np.where(nearer, cos_box, cos_incidence[:, columns])
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    pair_box, pair_column = _box_columns(boxes, spec)
+    if len(pair_box) == 0:
+        return RayHits(distance, material, cos_incidence)
+    t, cos_box = intersect_box(directions[:, pair_column], boxes[pair_box])  # (beams, pairs)
+    beams = np.arange(directions.shape[0])[:, None]
+    columns = np.broadcast_to(pair_column, t.shape)
+    nearest = np.full(distance.shape, np.inf)
+    np.minimum.at(nearest, (beams, columns), t)
+    # The winning pair of a ray: the first (lowest box index) whose distance is the nearest.
+    winner = np.full(distance.shape, len(pair_box))
+    is_nearest = np.isfinite(t) & (t == nearest[beams, columns])
+    pair_index = np.broadcast_to(np.arange(len(pair_box)), t.shape)
+    np.minimum.at(winner, (np.broadcast_to(beams, t.shape)[is_nearest], columns[is_nearest]), pair_index[is_nearest])
+    hit = nearest < distance
+    hit_beam, hit_column = np.nonzero(hit)
+    pair = winner[hit]
+    distance[hit] = nearest[hit]
+    material[hit] = np.asarray(materials, dtype=np.int64)[pair_box[pair]]
+    cos_incidence[hit] = cos_box[hit_beam, pair]
     return RayHits(distance, material, cos_incidence)
 
 
@@ -116,17 +129,19 @@ def _ground_hits(directions: np.ndarray, ground_z: float | None, max_range: floa
 
 
 def intersect_box(directions: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slab-method entry distance of rays from the origin into one box, and |cos incidence|.
+    """Slab-method entry distance of rays from the origin into boxes, and |cos incidence|.
 
-    Returns ``inf`` for rays that miss the box or start inside it.
+    ``directions`` (..., 3) and ``box`` (..., 7) broadcast against each other (one box for all rays,
+    or one box per ray column). Returns ``inf`` for rays that miss the box or start inside it.
     """
-    c, s = np.cos(box[6]), np.sin(box[6])
-    origin = -np.array([box[0] * c + box[1] * s, -box[0] * s + box[1] * c, box[2]])
+    box = np.asarray(box, dtype=np.float64)
+    c, s = np.cos(box[..., 6]), np.sin(box[..., 6])
+    origin = -np.stack([box[..., 0] * c + box[..., 1] * s, -box[..., 0] * s + box[..., 1] * c, box[..., 2]], axis=-1)
     local = np.stack(
         [directions[..., 0] * c + directions[..., 1] * s, -directions[..., 0] * s + directions[..., 1] * c, directions[..., 2]],
         axis=-1,
     )
-    half = box[3:6] / 2.0
+    half = box[..., 3:6] / 2.0
     # A zero direction component never leaves its slab; a tiny stand-in gives +-inf slab bounds.
     safe = np.where(np.abs(local) < 1e-12, 1e-12, local)
     t1, t2 = (-half - origin) / safe, (half - origin) / safe
@@ -138,27 +153,30 @@ def intersect_box(directions: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, 
     return np.where(hit, t_near, np.inf), cos_incidence
 
 
-def _columns_covering(box: np.ndarray, spec: LidarSpec) -> np.ndarray | None:
-    """Azimuth column indices a box can cover, ``None`` if out of range or containing the sensor."""
-    centre_range = float(np.hypot(box[0], box[1]))
-    if centre_range - 0.5 * float(np.hypot(box[3], box[4])) > spec.max_range:
-        return None
-    if _contains_origin(box):
-        return None
-    corners = box_corners_bev(box)[0]
-    centre_angle = np.arctan2(box[1], box[0])
-    # The footprint does not contain the sensor, so it spans less than pi around its centre's azimuth.
-    offsets = wrap_angle(np.arctan2(corners[:, 1], corners[:, 0]) - centre_angle)
+def _box_columns(boxes: np.ndarray, spec: LidarSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(box index, azimuth column) of every column each box can cover, boxes in index order.
+
+    Boxes out of range or containing the sensor cover none.
+    """
+    reach = np.hypot(boxes[:, 0], boxes[:, 1]) - 0.5 * np.hypot(boxes[:, 3], boxes[:, 4])
+    seen = np.flatnonzero((reach <= spec.max_range) & ~_contains_origin(boxes))
+    corners = box_corners_bev(boxes[seen])
+    centre_angle = np.arctan2(boxes[seen, 1], boxes[seen, 0])
+    # A footprint that does not contain the sensor spans less than pi around its centre's azimuth.
+    offsets = wrap_angle(np.arctan2(corners[..., 1], corners[..., 0]) - centre_angle[:, None])
     step = 2.0 * np.pi / spec.columns
-    first = int(np.floor((centre_angle + offsets.min() + np.pi) / step))
-    last = int(np.ceil((centre_angle + offsets.max() + np.pi) / step))
-    return np.arange(first, last + 1) % spec.columns
+    first = np.floor((centre_angle + offsets.min(axis=1) + np.pi) / step).astype(np.int64)
+    last = np.ceil((centre_angle + offsets.max(axis=1) + np.pi) / step).astype(np.int64)
+    counts = last - first + 1
+    pair_box = np.repeat(seen, counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return pair_box, (np.repeat(first, counts) + within) % spec.columns
 
 
-def _contains_origin(box: np.ndarray) -> bool:
-    c, s = np.cos(box[6]), np.sin(box[6])
-    local_x, local_y = -(box[0] * c + box[1] * s), -(-box[0] * s + box[1] * c)
-    return abs(local_x) <= box[3] / 2.0 and abs(local_y) <= box[4] / 2.0
+def _contains_origin(boxes: np.ndarray) -> np.ndarray:
+    c, s = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
+    local_x, local_y = -(boxes[:, 0] * c + boxes[:, 1] * s), -(-boxes[:, 0] * s + boxes[:, 1] * c)
+    return (np.abs(local_x) <= boxes[:, 3] / 2.0) & (np.abs(local_y) <= boxes[:, 4] / 2.0)
 
 
 def returns_from_hits(hits: RayHits, spec: LidarSpec, rng: np.random.Generator) -> np.ndarray:
@@ -186,7 +204,5 @@ def scan(spec: LidarSpec, pose: np.ndarray, boxes: np.ndarray, materials: np.nda
         raise ValueError(f"the simulated LiDAR must be mounted level (roll = pitch = 0), got pose {pose.tolist()}")
     to_sensor = np.linalg.inv(pose_to_matrix(pose))
     boxes_sensor = transform_boxes(boxes, to_sensor)
-    reach = np.hypot(boxes_sensor[:, 0], boxes_sensor[:, 1]) - 0.5 * np.hypot(boxes_sensor[:, 3], boxes_sensor[:, 4])
-    in_range = reach <= spec.max_range  # cheap vectorised cull before the per-box loop
-    hits = cast_rays(spec, boxes_sensor[in_range], np.asarray(materials)[in_range], ground_z=-float(pose[2]))
+    hits = cast_rays(spec, boxes_sensor, np.asarray(materials), ground_z=-float(pose[2]))
     return returns_from_hits(hits, spec, rng)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import Tensor
 
 from turbotrain.utils.errors import ConfigError
@@ -93,6 +92,8 @@ def cagrad_weights(gramian: Tensor, c: float, pareto_eps: float = 1e-4) -> Tenso
 
     def objective_grad(w: np.ndarray) -> np.ndarray:
         return towards_mean + sqrt_phi * (matrix @ w) / np.sqrt(max(w @ matrix @ w, 1e-20))
+
+    from scipy.optimize import minimize  # ~0.5 s to import: only runs with this balancer pay it
 
     result = minimize(
         objective, mean, jac=objective_grad, method="SLSQP", bounds=[(0.0, 1.0)] * num_tasks,

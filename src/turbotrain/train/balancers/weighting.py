@@ -5,7 +5,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchjd.scalarization import UW
 
 from turbotrain.utils.errors import ConfigError
 
@@ -49,6 +48,9 @@ class UncertaintyBalancer(LossWeightingBalancer):
 
     def __init__(self, task_names: Sequence[str], diagnostics: bool = False):
         super().__init__(task_names, diagnostics)
+        # Imported here: torchjd pulls in cvxpy (~1 s), which runs that use another balancer never need.
+        from torchjd.scalarization import UW
+
         self.uw = UW(len(self.task_names))
 
     @property
