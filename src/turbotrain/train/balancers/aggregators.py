@@ -8,7 +8,8 @@ trunk), the aggregate into ``.grad``, heads with their own plain gradient.
 
 Effective task weights are logged for every aggregator: torchjd's own weights where it is a
 weighted aggregator (UPGrad, MGDA, ...), else (ConFIG, GradDrop) the least-squares coefficients of
-the update on the task gradients.
+the update on the task gradients (exact for ConFIG, whose update lies in their span; an
+approximation for GradDrop, whose elementwise masks leave it).
 
 Stateful aggregators (Nash-MTL, GradVac, ExcessMTL) keep their state in Python attributes that
 torchjd does not put into ``state_dict``: a resumed run restarts that state (docs/faithfulness.md).
