@@ -26,7 +26,7 @@ Heads always get their own task's plain gradient.
 
 Spaces
 ------
-``space="parameters"`` (default): ``g_i`` are gradients of the shared PARAMETERS; one block per
+``space="parameters"``: ``g_i`` are gradients of the shared PARAMETERS; one block per
 parameter tensor (``granularity="tensor"``, default) or one for everything (``"global"``). The
 property above then holds for the update itself. Cost: K backward passes through the whole trunk
 (about 1.45x the step time of ``sum`` for the tiny CooperativePnP on CPU, see
@@ -51,7 +51,11 @@ exactly the plain sum. The guarantee is then per feature block, not on the param
 MGDA-UB, ``d . g_i >= 0`` in feature space does not carry through the trunk's Jacobian to the
 parameters. On the tiny CooperativePnP at initialisation the features-space update still opposed the
 prediction gradient of the shared parameters (as the plain sum does) where the parameters-space
-update did not, which is why ``parameters`` stays the default.
+update did not. ``features`` is nonetheless the default, for cost: on the default model and grid
+(config/config.yaml, batch 4, one torch thread) issue 15 measured the parameters space at 1.54-1.77x
+a summed step and the features space at 1.12-1.14x, inside the 1.3x goal; rerun
+``benchmarks/bench_balancers.py`` for the current ratios. ``magnitude_balancing=False`` skips step 2
+(an implicit task reweighting; the effective weights are logged as ``weight/<task>``).
 
 Why per block rather than one flattened vector: conflict is typically local (e.g. the last shared
 layers feeding two heads, or the cells both heads read) while most of the trunk agrees; a global
