@@ -24,6 +24,8 @@ def test_the_schemas_enums_are_the_contracts_names():
     assert group_enum("fusion") == list(C.FUSIONS)
     assert group_enum("recipe") == list(C.RECIPES)
     assert group_enum("balancer") == list(C.BALANCERS)
+    options = load_schema()["properties"]["finetune"]["properties"]["balancer_options"]["properties"]
+    assert list(options) == list(C.BALANCERS)
     assert group_enum("tables") == list(C.TABLES)
     variants = load_schema()["properties"]["pretrain"]["properties"]["variants"]["additionalProperties"]
     variant_types = variants["properties"]["type"]["enum"]

@@ -49,7 +49,12 @@ TRAINED_FUSIONS = tuple(f for f in FUSIONS if f != LATE_FUSION)
 RECIPES = ("multistage", "joint")
 # The manual recipe weights its losses by hand (finetune.multistage.stages[].loss_weights).
 MULTISTAGE_BALANCER = "fixed"
-BALANCERS = ("sum", "fixed", "uncertainty", "dwa", "pcgrad", "cagrad", "famo", "turbotrain")
+BALANCERS = (
+    "sum", "fixed", "uncertainty", "dwa", "pcgrad", "cagrad", "famo", "turbotrain", "gradnorm_scaling",
+    # torchjd aggregators (train/balancers/aggregators.py) and scalarizers (scalarizers.py)
+    "upgrad", "dualproj", "config", "aligned_mtl", "nash_mtl", "fairgrad", "imtl_g", "gradvac", "mgda",
+    "graddrop", "excess_mtl", "mean", "stch", "imtl_l", "geometric_mean",
+)
 TASKS = ("detection", "prediction")
 
 PRETRAIN_TYPES = ("none", "ego_only", "multi_agent", "spatiotemporal", "trajectory", "lidar_trajectory")

@@ -14,8 +14,11 @@ from typing import Any
 from turbotrain.models.registry import Registry
 from turbotrain.utils.errors import ConfigError
 
+from .aggregators import AGGREGATORS, AggregatorBalancer, aggregator_balancer
 from .base import Balancer, GradientCombinationBalancer, LossWeightingBalancer
 from .famo import FAMOBalancer
+from .gradnorm import GradNormScalingBalancer
+from .scalarizers import SCALARIZERS, ScalarizerBalancer, scalarizer_balancer
 from .surgery import CAGradBalancer, PCGradBalancer
 from .turbotrain import TurboTrainBalancer
 from .weighting import DWABalancer, FixedBalancer, SumBalancer, UncertaintyBalancer
@@ -30,13 +33,18 @@ for _name, _cls in {
     "cagrad": CAGradBalancer,
     "famo": FAMOBalancer,
     "turbotrain": TurboTrainBalancer,
+    "gradnorm_scaling": GradNormScalingBalancer,
+    **{name: aggregator_balancer(name) for name in AGGREGATORS},
+    **{name: scalarizer_balancer(name) for name in SCALARIZERS},
 }.items():
     BALANCERS.register(_name)(_cls)
 
 
 def build_balancer(name: str, task_names: Sequence[str], **options: Any) -> Balancer:
     """Balancer ``name`` for ``task_names``; ``options`` are the method's keyword arguments
-    (e.g. ``weights`` for fixed, ``c`` for cagrad, ``seed`` for pcgrad, ``diagnostics`` for all)."""
+    (e.g. ``weights`` for fixed, ``c`` for cagrad, ``seed`` for pcgrad, ``space`` for every
+    gradient-combining method, ``diagnostics`` for all); torchjd aggregators and scalarizers take
+    torchjd's own keyword arguments."""
     cls = BALANCERS.get(name)
     try:
         inspect.signature(cls).bind(list(task_names), **options)
@@ -46,7 +54,12 @@ def build_balancer(name: str, task_names: Sequence[str], **options: Any) -> Bala
 
 
 __all__ = [
+    "AGGREGATORS",
+    "AggregatorBalancer",
     "BALANCERS",
+    "GradNormScalingBalancer",
+    "SCALARIZERS",
+    "ScalarizerBalancer",
     "Balancer",
     "CAGradBalancer",
     "DWABalancer",

@@ -25,6 +25,9 @@ from torch import Tensor, nn
 
 from turbotrain.utils.errors import ConfigError
 
+# Where per-task gradients are taken and combined: the shared parameters or the shared features.
+SPACES = ("parameters", "features")
+
 
 class Balancer(nn.Module, ABC):
     """Base class: fills ``.grad`` from a dict of task losses and returns diagnostics.
@@ -232,8 +235,16 @@ class GradientCombinationBalancer(Balancer):
     """Methods that combine per-task shared gradients by their geometry; heads keep plain gradients.
 
     Subclasses implement :meth:`combine` and may restrict it to part of the shared parameters with
-    :meth:`split_shared`.
+    :meth:`split_shared`. ``space="features"`` combines the per-task gradients of the shared
+    features instead and sends the result through the trunk in one backward (:mod:`.features`).
     """
+
+    def __init__(self, task_names: Sequence[str], space: str = "parameters", diagnostics: bool = False):
+        super().__init__(task_names, diagnostics)
+        if space not in SPACES:
+            raise ConfigError(f"balancer space must be one of {SPACES}, got {space!r}")
+        self.space = space
+        self.needs_features = space == "features"
 
     def split_shared(self, shared_params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``(plain, balanced)``: shared parameters that get the plain sum vs the combination rule."""
@@ -241,11 +252,12 @@ class GradientCombinationBalancer(Balancer):
 
     @abstractmethod
     def combine(
-        self, jacobian: Tensor, gramian: Tensor, param_sizes: list[int]
+        self, jacobian: Tensor, gramian: Tensor, layout: tuple
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Flat shared gradient from the ``(K, N)`` task Jacobian and its ``(K, K)`` gramian,
-        plus per-task weights and method-specific diagnostics. ``param_sizes`` are the numels of
-        the shared parameters, in the order their gradients are joined in ``jacobian``."""
+        plus per-task (effective) weights and method-specific diagnostics. ``layout`` says how the
+        columns of ``jacobian`` are joined: the numels of the shared parameters (parameters space)
+        or the shapes of the features (features space)."""
 
     def backward(
         self,
@@ -256,11 +268,22 @@ class GradientCombinationBalancer(Balancer):
         features: list[Tensor] | None = None,
     ) -> dict[str, float]:
         loss_vector = self.stack_losses(losses)
-        plain, balanced = self.split_shared(list(shared_params))
-        jacobian = split_backward(loss_vector, balanced, self.heads_per_task(task_params), plain)
+        heads = self.heads_per_task(task_params)
+        if self.space == "features":
+            from .features import features_jacobian, backward_from_totals  # features imports base
+
+            features, jacobian = features_jacobian(loss_vector, features, list(shared_params), heads)
+            balanced, layout = list(shared_params), tuple(f.shape for f in features)
+        else:
+            plain, balanced = self.split_shared(list(shared_params))
+            jacobian = split_backward(loss_vector, balanced, heads, plain)
+            layout = tuple(p.numel() for p in balanced)
         gramian = jacobian @ jacobian.T
-        combined, weights, extra = self.combine(jacobian, gramian, [p.numel() for p in balanced])
-        accumulate_flat_grad(balanced, combined)
+        combined, weights, extra = self.combine(jacobian, gramian, layout)
+        if self.space == "features":
+            backward_from_totals(features, combined, balanced)
+        else:
+            accumulate_flat_grad(balanced, combined)
         diagnostics = self.weight_diagnostics(weights)
         diagnostics.update(self.gramian_diagnostics(gramian))
         diagnostics.update(extra)

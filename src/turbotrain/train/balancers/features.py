@@ -118,6 +118,16 @@ def representation_jacobian(
     return torch.stack(rows)
 
 
+def features_jacobian(
+    loss_vector: Tensor, features: Sequence[Tensor] | None, shared_params: list[Tensor], heads: list[list[Tensor]]
+) -> tuple[list[Tensor], Tensor]:
+    """The checked features and the ``(K, N)`` per-task total gradients w.r.t. them (heads filled)."""
+    features = check_features(features)
+    check_feature_order(features)
+    check_no_bypass(loss_vector, features, shared_params)
+    return features, representation_jacobian(loss_vector, features, heads)
+
+
 def unflatten_like(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
     """Split a flat vector into pieces shaped (and typed) like ``tensors``."""
     pieces = torch.split(flat, [t.numel() for t in tensors])

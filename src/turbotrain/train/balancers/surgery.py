@@ -44,18 +44,23 @@ class PCGradBalancer(GradientCombinationBalancer):
     """PCGrad on the shared parameters, summing the projected task gradients (as the paper/torchjd).
 
     The per-task projection order is random, drawn from this balancer's own seeded generator so a
-    run is reproducible without touching the global RNG stream.
+    run is reproducible without touching the global RNG stream. That is the one difference from
+    torchjd's ``PCGrad`` (same result for the same orders, tested), which draws from the global
+    generator and so shifts every later random draw of the run (data order, dropout) by the
+    balancer's choice.
     """
 
-    def __init__(self, task_names: Sequence[str], seed: int = 0, diagnostics: bool = False):
-        super().__init__(task_names, diagnostics)
+    def __init__(
+        self, task_names: Sequence[str], seed: int = 0, space: str = "parameters", diagnostics: bool = False
+    ):
+        super().__init__(task_names, space, diagnostics)
         self.generator = torch.Generator().manual_seed(seed)
 
     def random_orders(self) -> list[list[int]]:
         return [torch.randperm(self.num_tasks, generator=self.generator).tolist() for _ in range(self.num_tasks)]
 
     def combine(
-        self, jacobian: Tensor, gramian: Tensor, param_sizes: list[int]
+        self, jacobian: Tensor, gramian: Tensor, layout: tuple
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         weights = project_conflicts(gramian[None], self.random_orders())[0]
         return weights @ jacobian, weights, {}
@@ -114,17 +119,20 @@ class CAGradBalancer(GradientCombinationBalancer):
     """Conflict-averse gradient descent on the shared parameters (``c`` = 0.4 by default).
 
     The update ``(g0 + sqrt(phi)/|g_w| g_w) / (1 + c^2)`` is the official implementation's
-    ``rescale=1`` form; torchjd's ``CAGrad`` is the same without the ``1 / (1 + c^2)`` factor.
+    ``rescale=1`` form; torchjd's ``CAGrad`` is the same without the ``1 / (1 + c^2)`` factor (tested)
+    and needs cvxpy + clarabel, so this scipy version stays (docs/faithfulness.md).
     """
 
-    def __init__(self, task_names: Sequence[str], c: float = 0.4, diagnostics: bool = False):
-        super().__init__(task_names, diagnostics)
+    def __init__(
+        self, task_names: Sequence[str], c: float = 0.4, space: str = "parameters", diagnostics: bool = False
+    ):
+        super().__init__(task_names, space, diagnostics)
         if c < 0:
             raise ConfigError(f"cagrad c must be >= 0, got {c}")
         self.c = float(c)
 
     def combine(
-        self, jacobian: Tensor, gramian: Tensor, param_sizes: list[int]
+        self, jacobian: Tensor, gramian: Tensor, layout: tuple
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
         weights = cagrad_weights(gramian, self.c)
         return weights @ jacobian, weights, {}

@@ -26,7 +26,7 @@ Heads always get their own task's plain gradient.
 
 Spaces
 ------
-``space="parameters"`` (default): ``g_i`` are gradients of the shared PARAMETERS; one block per
+``space="parameters"``: ``g_i`` are gradients of the shared PARAMETERS; one block per
 parameter tensor (``granularity="tensor"``, default) or one for everything (``"global"``). The
 property above then holds for the update itself. Cost: K backward passes through the whole trunk
 (about 1.45x the step time of ``sum`` for the tiny CooperativePnP on CPU, see
@@ -51,7 +51,11 @@ exactly the plain sum. The guarantee is then per feature block, not on the param
 MGDA-UB, ``d . g_i >= 0`` in feature space does not carry through the trunk's Jacobian to the
 parameters. On the tiny CooperativePnP at initialisation the features-space update still opposed the
 prediction gradient of the shared parameters (as the plain sum does) where the parameters-space
-update did not, which is why ``parameters`` stays the default.
+update did not. ``features`` is nonetheless the default, for cost: on the default model and grid
+(config/config.yaml, batch 4, one torch thread) issue 15 measured the parameters space at 1.54-1.77x
+a summed step and the features space at 1.12-1.14x, inside the 1.3x goal; rerun
+``benchmarks/bench_balancers.py`` for the current ratios. ``magnitude_balancing=False`` skips step 2
+(an implicit task reweighting; the effective weights are logged as ``weight/<task>``).
 
 Why per block rather than one flattened vector: conflict is typically local (e.g. the last shared
 layers feeding two heads, or the cells both heads read) while most of the trunk agrees; a global
@@ -68,18 +72,9 @@ from torch import Tensor
 from turbotrain.utils.errors import ConfigError
 
 from .base import GradientCombinationBalancer
-from .features import (
-    FEATURE_GRANULARITIES,
-    backward_from_totals,
-    check_feature_order,
-    check_features,
-    check_no_bypass,
-    feature_block_ids,
-    representation_jacobian,
-)
+from .features import FEATURE_GRANULARITIES, feature_block_ids
 from .surgery import project_conflicts
 
-SPACES = ("parameters", "features")
 PARAMETER_GRANULARITIES = ("tensor", "global")
 DEFAULT_GRANULARITY = {"parameters": "tensor", "features": "cell"}
 
@@ -113,10 +108,12 @@ def balancing_scales(gramians: Tensor, severity: Tensor) -> Tensor:
     return (1 - severity[:, None]) + severity[:, None] * to_mean
 
 
-def suppression_weights(gramians: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-block coefficients ``(B, K)`` on the original task gradients, and the severities."""
+def suppression_weights(gramians: Tensor, magnitude_balancing: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-block coefficients ``(B, K)`` on the original task gradients, and the severities.
+
+    Without ``magnitude_balancing`` step 2 is skipped (every scale 1): only the projection acts."""
     severity = conflict_severity(gramians)
-    scales = balancing_scales(gramians, severity)
+    scales = balancing_scales(gramians, severity) if magnitude_balancing else torch.ones_like(gramians[:, 0])
     scaled_gramians = gramians * scales[:, :, None] * scales[:, None, :]
     num_tasks = gramians.shape[1]
     fixed_order = [list(range(num_tasks))] * num_tasks
@@ -132,14 +129,17 @@ def parameter_block_ids(
     return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes), sizes
 
 
-def suppress_blocks(jacobian: Tensor, block_ids: Tensor, block_sizes: Tensor) -> tuple[Tensor, Tensor, float]:
+def suppress_blocks(
+    jacobian: Tensor, block_ids: Tensor, block_sizes: Tensor, magnitude_balancing: bool = True
+) -> tuple[Tensor, Tensor, float]:
     """Apply the rule block by block to the ``(K, N)`` task gradients; ``block_sizes`` counts the
     elements of each block.
 
     Returns the flat combined gradient, the per-task coefficients averaged over elements (for the
     logs) and the fraction of elements lying in a block with a conflict.
     """
-    weights, severity = suppression_weights(block_gramians(jacobian, block_ids, len(block_sizes)))
+    gramians = block_gramians(jacobian, block_ids, len(block_sizes))
+    weights, severity = suppression_weights(gramians, magnitude_balancing)
     # index_select on the contiguous (K, blocks) transpose: 4x faster than gathering (N, K) rows.
     combined = (weights.T.contiguous().index_select(1, block_ids) * jacobian).sum(dim=0)
     numel = block_sizes.to(jacobian.dtype)
@@ -154,14 +154,13 @@ class TurboTrainBalancer(GradientCombinationBalancer):
     def __init__(
         self,
         task_names: Sequence[str],
-        space: str = "parameters",
+        space: str = "features",
         granularity: str | None = None,
         trailing_fraction: float = 1.0,
+        magnitude_balancing: bool = True,
         diagnostics: bool = False,
     ):
-        super().__init__(task_names, diagnostics)
-        if space not in SPACES:
-            raise ConfigError(f"turbotrain space must be one of {SPACES}, got {space!r}")
+        super().__init__(task_names, space, diagnostics)
         granularity = DEFAULT_GRANULARITY[space] if granularity is None else granularity
         allowed = PARAMETER_GRANULARITIES if space == "parameters" else FEATURE_GRANULARITIES
         if granularity not in allowed:
@@ -172,10 +171,9 @@ class TurboTrainBalancer(GradientCombinationBalancer):
             raise ConfigError(f"turbotrain trailing_fraction must be in (0, 1], got {trailing_fraction}")
         if space == "features" and trailing_fraction != 1:
             raise ConfigError("turbotrain trailing_fraction applies to the parameters space only")
-        self.space = space
-        self.needs_features = space == "features"
         self.granularity = granularity
         self.trailing_fraction = float(trailing_fraction)
+        self.magnitude_balancing = bool(magnitude_balancing)
         self._block_ids_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def split_shared(self, shared_params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -197,40 +195,8 @@ class TurboTrainBalancer(GradientCombinationBalancer):
         return self._block_ids_cache[cache_key]
 
     def combine(
-        self, jacobian: Tensor, gramian: Tensor, param_sizes: list[int]
+        self, jacobian: Tensor, gramian: Tensor, layout: tuple
     ) -> tuple[Tensor, Tensor, dict[str, float]]:
-        ids, sizes = self.blocks(tuple(param_sizes), jacobian.device)
-        combined, mean_weights, conflict_fraction = suppress_blocks(jacobian, ids, sizes)
+        ids, sizes = self.blocks(tuple(layout), jacobian.device)
+        combined, mean_weights, conflict_fraction = suppress_blocks(jacobian, ids, sizes, self.magnitude_balancing)
         return combined, mean_weights, {"conflict_fraction": conflict_fraction}
-
-    def backward(
-        self,
-        losses: dict[str, Tensor],
-        shared_params: list[Tensor],
-        task_params: dict[str, list[Tensor]] | None = None,
-        step: int = 0,
-        features: list[Tensor] | None = None,
-    ) -> dict[str, float]:
-        if self.space == "parameters":
-            return super().backward(losses, shared_params, task_params, step)
-        return self.features_backward(losses, list(shared_params), task_params, check_features(features))
-
-    def features_backward(
-        self,
-        losses: dict[str, Tensor],
-        shared_params: list[Tensor],
-        task_params: dict[str, list[Tensor]] | None,
-        features: list[Tensor],
-    ) -> dict[str, float]:
-        """The rule on per-task gradients of the shared features, then one backward into the trunk."""
-        loss_vector = self.stack_losses(losses)
-        check_feature_order(features)
-        check_no_bypass(loss_vector, features, shared_params)
-        jacobian = representation_jacobian(loss_vector, features, self.heads_per_task(task_params))
-        ids, sizes = self.blocks(tuple(f.shape for f in features), jacobian.device)
-        combined, mean_weights, conflict_fraction = suppress_blocks(jacobian, ids, sizes)
-        backward_from_totals(features, combined, shared_params)
-        diagnostics = self.weight_diagnostics(mean_weights)
-        diagnostics.update(self.gramian_diagnostics(jacobian @ jacobian.T))
-        diagnostics["conflict_fraction"] = conflict_fraction
-        return diagnostics
