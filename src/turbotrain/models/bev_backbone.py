@@ -1,8 +1,11 @@
-"""2D BEV backbone: residual downsampling stages, each upsampled back and concatenated (FPN-style).
+"""2D BEV backbones: downsampling stages, each upsampled back and concatenated (FPN-style).
 
-Follows OpenCOOD's ResNetBEVBackbone layout (stage i has ``layer_nums[i]`` residual blocks after a
-strided entry block; a transposed conv brings it back to the input resolution). The input is padded
-to a multiple of the total stride and the output cropped, so any BEV shape works.
+``resnet_fpn`` follows OpenCOOD's ResNetBEVBackbone layout (stage i has ``layer_nums[i]`` residual
+blocks after a strided entry block; a transposed conv brings it back to the input resolution).
+``second_bev`` is OpenCOOD's BaseBEVBackbone, what its SECOND configs use: plain 3x3 conv + BN +
+ReLU layers (BN eps 1e-3, momentum 0.01), a strided entry conv per stage, transposed-conv
+upsampling. Both pad the input to a multiple of the total stride and crop the output, so any BEV
+shape works.
 """
 from __future__ import annotations
 
@@ -101,6 +104,71 @@ class ResNetFPNBackbone(nn.Module):
             x = stage(x)
             scales.append(up(x))
         return torch.cat(scales, dim=1)[..., :height, :width]
+
+
+@BEV_BACKBONES.register("second_bev")
+class SecondBEVBackbone(nn.Module):
+    """OpenCOOD's BaseBEVBackbone (plain convs); output ``(N, sum(num_upsample_filters), H, W)``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        layer_nums: list[int],
+        layer_strides: list[int],
+        num_filters: list[int],
+        upsample_strides: list[int],
+        num_upsample_filters: list[int],
+    ):
+        super().__init__()
+        # the same shape rules as resnet_fpn: every scale must come back to the input resolution
+        lengths = {len(layer_nums), len(layer_strides), len(num_filters), len(upsample_strides), len(num_upsample_filters)}
+        cumulative = list(_cumulative_product(layer_strides))
+        if len(lengths) != 1 or cumulative != list(upsample_strides):
+            raise ValueError(f"bev_backbone second_bev: one entry per stage, and upsample_strides {upsample_strides} "
+                             f"must equal the cumulative strides {cumulative}")
+        channels = [in_channels] + list(num_filters)
+        self.stages = nn.ModuleList(
+            _plain_stage(channels[i], channels[i + 1], layer_strides[i], layer_nums[i]) for i in range(len(layer_nums))
+        )
+        self.ups = nn.ModuleList(
+            nn.Sequential(
+                nn.ConvTranspose2d(num_filters[i], num_upsample_filters[i], upsample_strides[i], stride=upsample_strides[i],
+                                   bias=False),
+                nn.BatchNorm2d(num_upsample_filters[i], **_OPENCOOD_BN),
+                nn.ReLU(),
+            )
+            for i in range(len(layer_nums))
+        )
+        self.total_stride = cumulative[-1]
+        self.out_channels = int(sum(num_upsample_filters))
+
+    def forward(self, bev: torch.Tensor) -> torch.Tensor:
+        height, width = bev.shape[-2:]
+        x = _pad_to_multiple(bev, self.total_stride)
+        scales = []
+        for stage, up in zip(self.stages, self.ups):
+            x = stage(x)
+            scales.append(up(x))
+        return torch.cat(scales, dim=1)[..., :height, :width]
+
+
+_OPENCOOD_BN = dict(eps=1e-3, momentum=0.01)
+
+
+def _plain_conv(in_ch: int, out_ch: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out_ch, **_OPENCOOD_BN),
+            nn.ReLU()]
+
+
+def _plain_stage(in_ch: int, out_ch: int, stride: int, num_layers: int) -> nn.Sequential:
+    """A strided entry conv, then ``num_layers`` 3x3 convs (BaseBEVBackbone's ``blocks[i]``).
+
+    OpenCOOD pads with ``ZeroPad2d(1)`` and convolves unpadded; ``padding=1`` is the same operation.
+    """
+    layers = _plain_conv(in_ch, out_ch, stride)
+    for _ in range(num_layers):
+        layers += _plain_conv(out_ch, out_ch)
+    return nn.Sequential(*layers)
 
 
 def _cumulative_product(values: list[int]):

@@ -21,7 +21,7 @@ from turbotrain.models.registry import BEV_BACKBONES, DETECTION_HEADS, ENCODERS,
 from turbotrain.models.warp import warp_to_ego
 
 # Importing these modules registers their parts by name.
-from turbotrain.models import bev_backbone, detection_head, fusion, prediction_head, temporal  # noqa: F401
+from turbotrain.models import anchor_head, bev_backbone, detection_head, fusion, prediction_head, temporal  # noqa: F401
 
 FeatureHook = Callable[[torch.Tensor], torch.Tensor]
 PART_GROUPS = ("encoder", "bev_backbone", "fusion", "temporal", "detection_head", "prediction_head")

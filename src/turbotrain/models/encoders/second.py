@@ -9,11 +9,16 @@ Two small departures from OpenPCDet, both so that any grid works: the sparse gri
 (OpenPCDet pads it to ``nz + 1``) and every strided stage pads z by 1 (OpenPCDet's last one pads 0);
 the z conv's kernel is clipped to the depth left. With OpenCOOD's z range of 4 m at 0.1 m this still
 gives 2 remaining z cells and 128 * 2 = 256 BEV channels, as OpenCOOD's SECOND.
+
+``second_res`` is CooPre's ``VoxelResBackBone8x`` (16-32-64-128): the same stages, each a strided
+sparse conv followed by residual ``SparseBasicBlock``s (two submanifold convs with bias, BN, the
+identity added before the last ReLU), two per stage, on the same grid as ``second``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from turbotrain.grid import Grid
@@ -31,6 +36,7 @@ class SecondSize:
     stage_channels: tuple[int, ...]
     subm_blocks: tuple[int, ...]  # submanifold blocks per stage (after the stage's strided conv)
     out_conv_channels: int  # channels of the z-shrinking conv; BEV channels = this * remaining depth
+    residual: bool = False  # blocks are SparseBasicBlocks (second_res) instead of single subm convs
 
     def stage(self, i: int) -> tuple[int, int]:
         last = len(self.stage_channels) - 1
@@ -42,6 +48,11 @@ SECOND_SIZES = {
     "tiny": SecondSize(stage_channels=(16, 16, 32, 32), subm_blocks=(1, 1, 1, 1), out_conv_channels=32),
     # OpenCOOD's SECOND (VoxelBackBone8x): 16-32-64-64, two submanifold blocks per strided stage
     "paper": SecondSize(stage_channels=(16, 32, 64, 64), subm_blocks=(1, 2, 2, 2), out_conv_channels=128),
+}
+SECOND_RES_SIZES = {
+    "tiny": SecondSize(stage_channels=(16, 16, 32, 32), subm_blocks=(1, 1, 1, 1), out_conv_channels=32, residual=True),
+    # CooPre's VoxelResBackBone8x: 16-32-64-128, two residual blocks per stage, 128-channel conv_out
+    "paper": SecondSize(stage_channels=(16, 32, 64, 128), subm_blocks=(2, 2, 2, 2), out_conv_channels=128, residual=True),
 }
 
 # OpenPCDet's BatchNorm settings for sparse backbones
@@ -59,11 +70,13 @@ def _num_strided_stages(bev_stride: int) -> int:
 class SecondEncoder(VoxelEncoder):
     """SECOND encoder; ``backend`` picks spconv or the pure-PyTorch sparse conv (same parameters)."""
 
+    SIZES = SECOND_SIZES
+
     def __init__(self, grid: Grid, size: str = "tiny", backend: str = "auto", in_channels: int = 4):
         super().__init__(grid)
-        if size not in SECOND_SIZES:
-            raise ValueError(f"unknown SECOND size {size!r}; expected one of {sorted(SECOND_SIZES)}")
-        spec = SECOND_SIZES[size]
+        if size not in self.SIZES:
+            raise ValueError(f"unknown SECOND size {size!r}; expected one of {sorted(self.SIZES)}")
+        spec = self.SIZES[size]
         sparse = get_backend(backend)
         self.backend_name = sparse.name
         nx, ny, nz = grid.grid_size
@@ -109,10 +122,15 @@ def _build_stages(
 ) -> tuple[nn.ModuleList, int, tuple[int, int, int]]:
     """Full-resolution stage + ``strided`` downsampling stages; returns them, final channels and grid."""
     channels, blocks = spec.stage(0)
-    stages = [_subm_stage(sparse, channels, channels, blocks, key="subm0")]
+    stages = [_ResidualStage(None, _res_blocks(sparse, channels, blocks, "res0")) if spec.residual
+              else _subm_stage(sparse, channels, channels, blocks, key="subm0")]
     for i in range(1, strided + 1):
         out_channels, blocks = spec.stage(i)
-        stages.append(_strided_stage(sparse, channels, out_channels, blocks, key=f"subm{i}"))
+        if spec.residual:
+            down = _strided_stage(sparse, channels, out_channels, 0, key=f"res{i}")
+            stages.append(_ResidualStage(down, _res_blocks(sparse, out_channels, blocks, f"res{i}")))
+        else:
+            stages.append(_strided_stage(sparse, channels, out_channels, blocks, key=f"subm{i}"))
         shape = conv_output_shape(shape, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1))
         channels = out_channels
     return nn.ModuleList(stages), channels, shape
@@ -135,4 +153,53 @@ def _strided_stage(sparse: SparseBackend, in_channels: int, out_channels: int, b
     return sparse.sequential(*layers)
 
 
+class SparseBasicBlock(nn.Module):
+    """OpenPCDet's residual sparse block: subm conv, BN, ReLU, subm conv, BN, + input, ReLU.
+
+    Called with the sparse tensor directly (never inside a sparse Sequential, which would hand a
+    non-conv module only the features), so one definition serves spconv and the PyTorch backend.
+    """
+
+    def __init__(self, sparse: SparseBackend, channels: int, key: str):
+        super().__init__()
+        # OpenPCDet builds these convs with bias=True (``bias = norm_fn is not None``)
+        self.conv1 = sparse.subm_conv(channels, channels, 3, padding=1, bias=True, indice_key=key)
+        self.bn1 = nn.BatchNorm1d(channels, **_BN)
+        self.conv2 = sparse.subm_conv(channels, channels, 3, padding=1, bias=True, indice_key=key)
+        self.bn2 = nn.BatchNorm1d(channels, **_BN)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = out.replace_feature(torch.relu(self.bn1(out.features)))
+        out = self.conv2(out)
+        return out.replace_feature(torch.relu(self.bn2(out.features) + x.features))
+
+
+class _ResidualStage(nn.Module):
+    """An optional strided entry (a sparse Sequential) followed by residual blocks."""
+
+    def __init__(self, down: nn.Module | None, blocks: list[nn.Module]):
+        super().__init__()
+        self.down = down
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        if self.down is not None:
+            x = self.down(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _res_blocks(sparse: SparseBackend, channels: int, blocks: int, key: str) -> list[nn.Module]:
+    return [SparseBasicBlock(sparse, channels, key) for _ in range(blocks)]
+
+
+class SecondResEncoder(SecondEncoder):
+    """SECOND with CooPre's residual sparse backbone (``VoxelResBackBone8x``); see the module docstring."""
+
+    SIZES = SECOND_RES_SIZES
+
+
 ENCODERS.register("second")(SecondEncoder)
+ENCODERS.register("second_res")(SecondResEncoder)
