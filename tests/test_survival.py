@@ -31,7 +31,7 @@ CACHE = f"data/cache/{DATASET}"
 RAW = f"data/raw/{DATASET}"
 SPLITS = ("train", "val", "test")
 # The cheapest fine-tuning run: no fusion, no pretraining, one joint stage with a plain loss sum.
-RUN_ID = "none/none/joint-sum/lf1/seed0"
+RUN_ID = "none/none/joint-sum/lf1/schedule/seed0"
 RUN_DIR = f"runs/finetune/{DATASET}/{RUN_ID}"
 STAGE_DIR = f"{RUN_DIR}/stages/1-joint"
 FINAL = f"{RUN_DIR}/final.pt"
@@ -203,10 +203,10 @@ def test_a_failure_a_retry_cannot_fix_is_not_retried_and_each_attempt_keeps_its_
     pipe = smoke_data.clone(tmp_path / "retries")
     write_yaml(pipe.path("window.yaml"), {"pretrain": {"variants": {"trajectory": {"trajectory": {"window": 6}}}}})
     pipe.configfiles = [*pipe.configfiles, "window.yaml"]
-    target = f"runs/pretrain/{DATASET}/attfuse/trajectory/pretrained.pt"
+    target = f"runs/pretrain/{DATASET}/attfuse/trajectory/schedule/pretrained.pt"
     done = pipe.run(target, extra=["--retries", "2"])
     assert done.returncode != 0
-    log = pipe.path(f"logs/pretrain/{DATASET}/attfuse/trajectory.log")
+    log = pipe.path(f"logs/pretrain/{DATASET}/attfuse/trajectory/schedule.log")
     first = Path(f"{log}.attempt1").read_text()
     assert "trajectory.window" in first, first[-2000:]
     for text in (Path(f"{log}.attempt2").read_text(), log.read_text()):
