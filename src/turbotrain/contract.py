@@ -343,14 +343,16 @@ def download_depends(config: dict, dataset: str | None = None) -> dict:
 
 def cache_depends(config: dict, dataset: str | None = None) -> dict:
     """A fusion cache beyond its raw data: how labels are read, the cache and grid settings, the
-    classes, and the seed (it draws the label-fraction subsets)."""
+    classes, and the seed (it draws the label-fraction subsets); not ``cache.workers``."""
     from turbotrain.data.cache.labels import resolve_gt_range_rule
 
     cfg = with_dataset(config, dataset) if dataset else config
     ds = cfg["dataset"]
     reading = {k: ds[k] for k in ("class_map", "on_bad_frame")}
     reading["gt_range_rule"] = resolve_gt_range_rule(ds["name"], ds["source"], ds["gt_range_rule"])
-    return {"dataset.reading": reading, **_values(cfg, ("cache", "grid", "classes", "seed"))}
+    values = _values(cfg, ("cache", "grid", "classes", "seed"))
+    values["cache"].pop("workers", None)  # how many processes fuse it: the cache is the same for any count
+    return {"dataset.reading": reading, **values}
 
 
 def local_data_digest(config: dict, dataset: str | None = None) -> str:

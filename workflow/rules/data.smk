@@ -61,6 +61,7 @@ rule fuse:
     wildcard_constraints:
         dataset=one_of(DATASETS),
         split=one_of(C.SPLITS),
+    threads: lambda w: C.with_dataset(config, w.dataset)["cache"]["workers"]
     resources:
         **JOB_RESOURCES,
     log:

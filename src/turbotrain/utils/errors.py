@@ -17,6 +17,9 @@ class DataError(ValueError):
             msg += f", got {got!r}"
         super().__init__(msg)
 
+    def __reduce__(self):  # rebuilt from its fields: it crosses process boundaries (parallel fuse)
+        return type(self), (self.path, self.field, self.expected, self.got)
+
 
 class ConfigError(ValueError):
     """Invalid configuration, raised before any job starts."""

@@ -6,10 +6,13 @@ within ``comm_range`` of the ego's at ``t`` (the ``max_agents`` closest, ego fir
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import math
+import multiprocessing
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -53,11 +56,13 @@ def build_cache(
     gt_range_rule: str = DEFAULT_RULE,
     shard_size: int = 256,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Fuse ``<raw_root>/<split>`` (OpenCOOD layout) into ``<out_dir>/<split>``; returns the summary.
 
-    ``voxel_backend`` and ``shard_size`` are not part of the config hash: both voxeliser backends give
-    the same voxels, which the cache stores in canonical order.
+    ``voxel_backend``, ``shard_size`` and ``workers`` are not part of the config hash: both voxeliser
+    backends give the same voxels, which the cache stores in canonical order, and scenarios fused in
+    ``workers`` processes are collected in scenario order (the output is the same for any count).
     """
     from turbotrain.data import opencood  # imported here: the reader is the only heavy dependency
 
@@ -70,14 +75,63 @@ def build_cache(
     split_dir = Path(out_dir) / split
     # A previous manifest would vouch for files this run is about to replace.
     (split_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    split_dir.mkdir(parents=True, exist_ok=True)
     skipped = opencood.SkipReport()
     scenarios = sorted(opencood.index_split(raw_root, split, on_bad_frame=on_bad_frame, report=skipped), key=lambda s: s.name)
-    read = functools.partial(opencood.read_agent_frame, on_bad_frame=on_bad_frame, report=skipped)
-    read_points = functools.partial(opencood.read_agent_points, on_bad_frame=on_bad_frame, report=skipped)
-    builder = _CacheBuilder(config, split, split_dir, Voxelizer(grid, max_points_per_voxel, max_voxels, voxel_backend), shard_size)
-    for index in tqdm(scenarios, desc=f"fuse {split}", unit="scenario", disable=not progress):
-        builder.add_scenario(ScenarioReader(read, index, read_points))
+    voxelizer = Voxelizer(grid, max_points_per_voxel, max_voxels, voxel_backend)
+    builder = _CacheBuilder(config, split, split_dir, voxelizer, shard_size)
+    job = functools.partial(_fuse_scenario, config, split, split_dir, voxelizer)
+    with _scenario_map(workers, len(scenarios)) as mapped:
+        # Results come back in scenario order whatever the worker count, so shards are byte-identical.
+        for result in tqdm(mapped(job, scenarios), total=len(scenarios), desc=f"fuse {split}", unit="scenario",
+                           disable=not progress):
+            builder.add_result(result)
+            skipped.entries.extend(result.skipped)
     return builder.finish(skipped_by_field=dict(sorted(skipped.by_field.items())))
+
+
+@contextlib.contextmanager
+def _scenario_map(workers: int, n_scenarios: int):
+    """``map`` in this process (one worker) or over a process pool; both keep the input order."""
+    workers = max(1, min(int(workers), n_scenarios))
+    if workers == 1:
+        yield map
+        return
+    # spawn, not fork: the parent may hold torch / OpenMP state that a forked child must not inherit.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool.map
+
+
+@dataclasses.dataclass
+class ScenarioResult:
+    """What fusing one scenario produced: its samples, its frame store file (already written) and counts."""
+
+    scenario: str
+    samples: list
+    frame_store: str | None
+    counts: Counter
+    skipped: list
+    unknown_types: Counter
+
+
+def _fuse_scenario(config: CacheConfig, split: str, split_dir: Path, voxelizer: Voxelizer,
+                   index: ScenarioIndex) -> ScenarioResult:
+    """Fuse one scenario (a worker process's unit of work): samples in order, frame store written."""
+    from turbotrain.data import opencood
+
+    skipped = opencood.SkipReport()
+    read = functools.partial(opencood.read_agent_frame, on_bad_frame=config.on_bad_frame, report=skipped)
+    read_points = functools.partial(opencood.read_agent_points, on_bad_frame=config.on_bad_frame, report=skipped)
+    reader = ScenarioReader(read, index, read_points)
+    fuser = _ScenarioFuser(config, split, voxelizer)
+    samples, store, counts = fuser.fuse(reader)
+    name = None
+    if len(store):
+        name = f"frames-{_safe_name(index.name)}.npz"
+        arrays = store.arrays()
+        write_npz(split_dir / name, **arrays)
+        counts.update(frames=len(store), voxels=len(arrays["coords"]), points=len(arrays["points"]))
+    return ScenarioResult(index.name, samples, name, counts, list(skipped.entries), Counter(fuser.labels.unknown_types))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,27 +282,18 @@ def label_fraction_subsets(sample_ids: Sequence[str], fractions: Iterable[float]
     return subsets
 
 
-class _CacheBuilder:
-    """Accumulates samples scenario by scenario and writes frame stores, shards and the manifest."""
+class _ScenarioFuser:
+    """Turns one scenario into its samples and frame store (no files written, no state across scenarios)."""
 
-    def __init__(self, config: CacheConfig, split: str, split_dir: Path, voxelizer: Voxelizer, shard_size: int):
+    def __init__(self, config: CacheConfig, split: str, voxelizer: Voxelizer):
         self.config = config
         self.split = split
-        self.split_dir = split_dir
         self.voxelizer = voxelizer
-        self.shard_size = shard_size
         self.labels = LabelMaker(config.grid, config.classes, config.class_map, config.gt_range_rule)
         self.ego_types = {AGENT_TYPE_NAMES[name] for name in config.ego_types}
-        self.pending: list[SampleRecord] = []
-        self.sample_ids: list[str] = []
-        self.shards: list[dict] = []
-        self.frame_stores: dict[str, str] = {}
-        self.counts = Counter()
-        self.class_counts = Counter()
-        self.skipped_by_field: dict[str, int] = {}
 
-    def add_scenario(self, reader: ScenarioReader) -> None:
-        store = FrameStore(self.voxelizer)
+    def fuse(self, reader: ScenarioReader) -> tuple[list[SampleRecord], FrameStore, Counter]:
+        store, samples, counts = FrameStore(self.voxelizer), [], Counter()
         for ego_id in sorted(reader.index.agent_ids):
             if (INFRASTRUCTURE if ego_id < 0 else VEHICLE) not in self.ego_types:
                 continue
@@ -256,12 +301,11 @@ class _CacheBuilder:
             for t in anchors:
                 sample = self._make_sample(reader, store, ego_id, t)
                 if sample is None:
-                    self.counts["samples_skipped_unreadable_ego"] += 1
-                    continue
-                self._append(sample)
-        self.counts["bad_frames"] += reader.bad_frames
-        if len(store):
-            self._write_frame_store(reader.index.name, store)
+                    counts["samples_skipped_unreadable_ego"] += 1
+                else:
+                    samples.append(sample)
+        counts["bad_frames"] += reader.bad_frames
+        return samples, store, counts
 
     def _make_sample(self, reader: ScenarioReader, store: FrameStore, ego_id: int, t: int) -> SampleRecord | None:
         cfg = self.config
@@ -308,6 +352,36 @@ class _CacheBuilder:
         current = object_union(reader.meta(a, now) for a in cooperators)
         return self.labels.make(ego_pose, current, [at[s] for s in history_stamps], [at[s] for s in future_stamps])
 
+
+
+class _CacheBuilder:
+    """Collects scenario results in order and writes the shards and the manifest."""
+
+    def __init__(self, config: CacheConfig, split: str, split_dir: Path, voxelizer: Voxelizer, shard_size: int):
+        self.config = config
+        self.split = split
+        self.split_dir = split_dir
+        self.voxelizer = voxelizer
+        self.shard_size = shard_size
+        self.pending: list[SampleRecord] = []
+        self.sample_ids: list[str] = []
+        self.shards: list[dict] = []
+        self.frame_stores: dict[str, str] = {}
+        self.counts = Counter()
+        self.class_counts = Counter()
+        self.unknown_types = Counter()
+        self.skipped_by_field: dict[str, int] = {}
+
+    def add_result(self, result: ScenarioResult) -> None:
+        for sample in result.samples:
+            self._append(sample)
+        self.counts.update(result.counts)
+        self.unknown_types.update(result.unknown_types)
+        if result.frame_store is not None:
+            if result.frame_store in self.frame_stores.values():
+                raise ValueError(f"two scenarios map to the frame store file {result.frame_store}; rename one of them")
+            self.frame_stores[result.scenario] = result.frame_store
+
     def _append(self, sample: SampleRecord) -> None:
         self.pending.append(sample)
         self.sample_ids.append(sample.sample_id)
@@ -321,17 +395,6 @@ class _CacheBuilder:
         write_npz(self.split_dir / name, **shard_arrays(self.pending))
         self.shards.append({"file": name, "count": len(self.pending)})
         self.pending = []
-
-    def _write_frame_store(self, scenario: str, store: FrameStore) -> None:
-        name = f"frames-{_safe_name(scenario)}.npz"
-        if name in self.frame_stores.values():
-            raise ValueError(f"two scenarios map to the frame store file {name}; rename one of them")
-        arrays = store.arrays()
-        write_npz(self.split_dir / name, **arrays)
-        self.frame_stores[scenario] = name
-        self.counts["frames"] += len(store)
-        self.counts["voxels"] += len(arrays["coords"])
-        self.counts["points"] += len(arrays["points"])
 
     def finish(self, skipped_by_field: dict[str, int] | None = None) -> dict:
         """Write the last shard, then the manifest (last of all); returns the summary."""
@@ -369,7 +432,7 @@ class _CacheBuilder:
                 "bad_inputs_by_field": self.skipped_by_field,
                 "samples_without_ego_frames": self.counts["samples_skipped_unreadable_ego"],
                 # per sample an object of an unknown type was dropped from
-                "unknown_object_types": dict(sorted(self.labels.unknown_types.items())),
+                "unknown_object_types": dict(sorted(self.unknown_types.items())),
             },
             "files": {name: sha256_file(self.split_dir / name) for name in written},
             "label_fractions": label_fraction_subsets(self.sample_ids, self.config.label_fractions, self.config.seed),
