@@ -79,7 +79,7 @@ def build_cache(
     skipped = opencood.SkipReport()
     scenarios = sorted(opencood.index_split(raw_root, split, on_bad_frame=on_bad_frame, report=skipped), key=lambda s: s.name)
     voxelizer = Voxelizer(grid, max_points_per_voxel, max_voxels, voxel_backend)
-    builder = _CacheBuilder(config, split, split_dir, voxelizer, shard_size)
+    builder = _CacheBuilder(config, split, split_dir, shard_size)
     job = functools.partial(_fuse_scenario, config, split, split_dir, voxelizer)
     with _scenario_map(workers, len(scenarios)) as mapped:
         # Results come back in scenario order whatever the worker count, so shards are byte-identical.
@@ -353,15 +353,13 @@ class _ScenarioFuser:
         return self.labels.make(ego_pose, current, [at[s] for s in history_stamps], [at[s] for s in future_stamps])
 
 
-
 class _CacheBuilder:
     """Collects scenario results in order and writes the shards and the manifest."""
 
-    def __init__(self, config: CacheConfig, split: str, split_dir: Path, voxelizer: Voxelizer, shard_size: int):
+    def __init__(self, config: CacheConfig, split: str, split_dir: Path, shard_size: int):
         self.config = config
         self.split = split
         self.split_dir = split_dir
-        self.voxelizer = voxelizer
         self.shard_size = shard_size
         self.pending: list[SampleRecord] = []
         self.sample_ids: list[str] = []
