@@ -133,8 +133,9 @@ def slurm_conf(paths: ClusterPaths, node_line: str, ctld_port: int, slurmd_port:
         # CPU (not core) granularity: on a 2-thread CI box two 1-CPU jobs can then run side by side.
         "SelectTypeParameters=CR_CPU_Memory",
         "ReturnToService=2",
-        # Finished jobs stay visible to squeue this long; the plugin polls squeue (no sacct here).
-        "MinJobAge=300",
+        # Finished jobs stay visible to squeue/scontrol this long: the plugin polls squeue (no sacct here)
+        # and the test reads every job back after a run that takes more than 5 minutes on CI.
+        "MinJobAge=7200",
         node_line,
         *(f"PartitionName={p} Nodes=ALL Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
           for i, p in enumerate(PARTITIONS)),
