@@ -81,3 +81,26 @@ def test_the_claims_figure_draws_every_row(frame, tmp_path):
     fig = claims(table, tmp_path / "claims.png")
     assert (tmp_path / "claims.png").stat().st_size > 10_000
     assert sum(len(ax.get_yticks()) for ax in fig.axes) == len(table)
+
+
+def test_scene_bootstrap_draws_widen_a_claims_interval_when_both_arms_share_them(frame, tmp_path):
+    import numpy as np
+
+    scenes = ["test/s0", "test/s1"]
+    rng = np.random.default_rng(0)
+    noise = {key: rng.normal(0, 0.03, 100) for key in frame.index}
+
+    def block(i, row, scenes=scenes):
+        return {"unit": "scenario", "replicates": 100, "seed": 0, "scenes": scenes,
+                "draws": {"map@0.5": list(row["map@0.5"] + noise[i])}}
+
+    with_draws = frame.copy()
+    with_draws["bootstrap"] = [block(i, row) for i, row in frame.iterrows()]
+    plain = claims_table(frame, tmp_path / "plain.csv").set_index("claim").loc["coopre_map"]
+    paired = claims_table(with_draws, tmp_path / "paired.csv").set_index("claim").loc["coopre_map"]
+    assert np.isnan(plain["scene_sd"]) and paired["scene_sd"] > 0
+    assert paired["effect"] == plain["effect"] and paired["ci_high"] - paired["ci_low"] > plain["ci_high"] - plain["ci_low"]
+    # draws of other scenes in one run: they cannot be paired, so the claim falls back to seeds only
+    with_draws.at[0, "bootstrap"] = block(0, frame.loc[0], scenes=["test/other"])
+    mixed = claims_table(with_draws, tmp_path / "mixed.csv").set_index("claim").loc["coopre_map"]
+    assert np.isnan(mixed["scene_sd"]) and mixed["ci_low"] == plain["ci_low"]

@@ -64,9 +64,10 @@ def training_copy(smoke_data: Pipeline, dest: Path) -> Pipeline:
 
 
 def detection_and_prediction(pipe: Pipeline) -> dict:
-    """The metric blocks of the run's metrics JSON (the training block holds wall-clock times)."""
+    """The metric blocks of the run's metrics JSON and its scene bootstrap (the training block holds
+    wall-clock times)."""
     metrics = json.loads(pipe.path(METRICS).read_text())
-    return {"detection": metrics["detection"], "prediction": metrics["prediction"]}
+    return {"detection": metrics["detection"], "prediction": metrics["prediction"], "bootstrap": metrics["bootstrap"]}
 
 
 def loss_log(pipe: Pipeline) -> list[dict[str, str]]:

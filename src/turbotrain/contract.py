@@ -381,7 +381,7 @@ def local_data_digest(config: dict, dataset: str | None = None) -> str:
 
 
 # Evaluation keys that do not change a training curve's points (AP@0.5 and EPA on val samples).
-NOT_CURVE_EVALUATION_KEYS = ("split", "range_bins", "miss_threshold", *TABLE_ONLY_EVALUATION_KEYS)
+NOT_CURVE_EVALUATION_KEYS = ("split", "range_bins", "miss_threshold", "bootstrap", *TABLE_ONLY_EVALUATION_KEYS)
 
 
 def curve_evaluation(config: dict) -> dict:

@@ -194,10 +194,11 @@ def average_precision(
     if sort == "global":
         # Stable sort keeps frame order among equal scores, so results do not depend on numpy's sort.
         is_tp = is_tp[np.argsort(-np.concatenate(score_lists), kind="stable")]
-    return _ap_from_tp(is_tp, num_gt)
+    return ap_from_tp(is_tp, num_gt)
 
 
-def _ap_from_tp(is_tp: np.ndarray, num_gt: int) -> APResult:
+def ap_from_tp(is_tp: np.ndarray, num_gt: int) -> APResult:
+    """AP of a cumulated list of true/false positives (already in score order) against ``num_gt``."""
     tp = np.cumsum(is_tp)
     fp = np.cumsum(~is_tp)
     if num_gt == 0:

@@ -21,7 +21,9 @@ Schema (``METRICS_SCHEMA``, checked on write and on read)::
       "training": {wall_s, epochs, steps, gpu_hours, cpu_hours: number, device: str,
                    samples_seen, unique_samples_seen, trunk_forwards, trunk_backwards and each as
                    pretrain_<key> / total_<key> (optional; train/accounting.py),
-                   curve: [{step, wall_s, ap50: x|null, epa: x|null}, ..] (optional)}
+                   curve: [{step, wall_s, ap50: x|null, epa: x|null}, ..] (optional)},
+      "bootstrap": (optional; evaluate/bootstrap.py) {unit: "scenario", replicates, seed: int,
+                   scenes: [str], draws: {"map@0.5" | "epa" | "min_ade" | "min_fde": [x|null] * replicates}}
     }
 
 Metric values are fractions (AP 0.702, not 70.2); distances are metres; times seconds or hours as
@@ -132,10 +134,22 @@ METRICS_SCHEMA = {
         },
     },
 }
+METRICS_SCHEMA["properties"]["bootstrap"] = {
+    "type": "object",
+    "required": ["unit", "replicates", "seed", "scenes", "draws"],
+    "properties": {
+        "unit": {"const": "scenario"},
+        "replicates": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer"},
+        "scenes": {"type": "array", "items": {"type": "string"}},
+        "draws": {"type": "object", "additionalProperties": {"type": "array", "items": _NUMBER_OR_NULL}},
+    },
+}
 _VALIDATOR = jsonschema.Draft202012Validator(METRICS_SCHEMA)
 
 
-def write_metrics(path: str | os.PathLike, run: dict, detection: dict, prediction: dict, training: dict) -> None:
+def write_metrics(path: str | os.PathLike, run: dict, detection: dict, prediction: dict, training: dict,
+                  bootstrap: dict | None = None) -> None:
     """Validate and atomically write one run's metrics JSON (schema in the module docstring)."""
     document = {
         "schema_version": SCHEMA_VERSION,
@@ -144,6 +158,8 @@ def write_metrics(path: str | os.PathLike, run: dict, detection: dict, predictio
         "prediction": prediction,
         "training": training,
     }
+    if bootstrap is not None:
+        document["bootstrap"] = bootstrap
     # Round-trip through JSON first so numpy scalars validate as the numbers they will be on disk.
     document = json.loads(json.dumps(document, default=_plain))
     validate_metrics(document, path)
@@ -200,6 +216,7 @@ def flatten_metrics(document: dict, run_id: str) -> dict:
     row["total_wall_s"] = training.get("total_wall_s", training["wall_s"])
     row.update({key: training[key] for key in SPENT_COLUMNS if key in training})
     row["curve"] = training.get("curve", [])
+    row["bootstrap"] = document.get("bootstrap")  # None for files without it (older ones, other tools)
     return row
 
 

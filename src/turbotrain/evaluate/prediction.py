@@ -186,7 +186,9 @@ def match_detections(frame: PredictionFrame, config: PredictionConfig) -> tuple[
 
 
 @dataclass
-class _ClassCounts:
+class ClassCounts:
+    """What one frame contributes to one class's prediction metrics (summed over a split)."""
+
     min_ade: np.ndarray  # matched GT agents of the class (NaN: no valid step)
     min_fde: np.ndarray  # (NaN: final step not valid)
     num_gt: int  # GT agents of the class valid at the final step
@@ -194,7 +196,7 @@ class _ClassCounts:
 
 
 def _class_counts(frame: PredictionFrame, kept: np.ndarray, matched: np.ndarray, class_id: int,
-                  config: PredictionConfig) -> _ClassCounts:
+                  config: PredictionConfig) -> ClassCounts:
     of_class = kept & (frame.det_classes == class_id)
     det_idx = np.flatnonzero(of_class & (matched >= 0))
     gt_idx = matched[det_idx]
@@ -206,7 +208,7 @@ def _class_counts(frame: PredictionFrame, kept: np.ndarray, matched: np.ndarray,
         min_ade, min_fde = min_ade_fde(modes, frame.gt_future[gt_idx], valid[gt_idx])
     else:
         min_ade = min_fde = np.zeros(0)
-    return _ClassCounts(min_ade, min_fde, num_gt, int(np.sum(of_class & (matched < 0))))
+    return ClassCounts(min_ade, min_fde, num_gt, int(np.sum(of_class & (matched < 0))))
 
 
 def end_to_end_prediction_accuracy(num_hits: int, num_fp: int, num_gt: int, alpha: float = 0.5) -> float:
@@ -222,14 +224,9 @@ def evaluate_prediction(frames: Sequence[PredictionFrame], class_names: Sequence
     {those five, "num_gt", "num_fp", "num_hits", "num_matched", "num_matched_final"}}``, the same
     counts summed over classes, and the config's parameters``}``.
     """
-    if config.frames_without_gt == "skip":
-        frames = [frame for frame in frames if len(frame.gt_boxes)]
-    matches = [match_detections(frame, config) for frame in frames]
-    per_class = {}
-    for class_id, name in enumerate(class_names):
-        counts = [_class_counts(frame, kept, matched, class_id, config)
-                  for frame, (kept, matched) in zip(frames, matches)]
-        per_class[name] = _class_summary(counts, config)
+    by_frame = [frame_class_counts(frame, len(class_names), config) for frame in scored_frames(frames, config)]
+    per_class = {name: class_summary([counts[class_id] for counts in by_frame], config)
+                 for class_id, name in enumerate(class_names)}
     result = {key: _class_mean(per_class, key) for key in PREDICTION_METRICS}
     result["per_class"] = per_class
     for key in ("num_gt", "num_fp", "num_hits", "num_matched", "num_matched_final"):
@@ -240,7 +237,19 @@ def evaluate_prediction(frames: Sequence[PredictionFrame], class_names: Sequence
     return result
 
 
-def _class_summary(counts: list[_ClassCounts], config: PredictionConfig) -> dict:
+def scored_frames(frames: Sequence[PredictionFrame], config: PredictionConfig) -> list[PredictionFrame]:
+    """The frames that take part: all, or (``frames_without_gt="skip"``) those with ground truth."""
+    return [frame for frame in frames if config.frames_without_gt != "skip" or len(frame.gt_boxes)]
+
+
+def frame_class_counts(frame: PredictionFrame, num_classes: int, config: PredictionConfig) -> list[ClassCounts]:
+    """One frame's :class:`ClassCounts` for each class index (matching done once for all classes)."""
+    kept, matched = match_detections(frame, config)
+    return [_class_counts(frame, kept, matched, class_id, config) for class_id in range(num_classes)]
+
+
+def class_summary(counts: list[ClassCounts], config: PredictionConfig) -> dict:
+    """One class's metrics and counts from its frames' :class:`ClassCounts`."""
     min_ade = np.concatenate([c.min_ade for c in counts]) if counts else np.zeros(0)
     min_fde = np.concatenate([c.min_fde for c in counts]) if counts else np.zeros(0)
     num_gt, num_fp = sum(c.num_gt for c in counts), sum(c.num_fp for c in counts)

@@ -8,7 +8,7 @@ from pathlib import Path
 from turbotrain.build import build_model, device_of, evaluation_dataset
 from turbotrain.evaluate.inference import Predictor, collect
 from turbotrain.evaluate.metrics_file import PREDICTION_METRICS, write_metrics
-from turbotrain.evaluate.scoring import score_split
+from turbotrain.evaluate.scoring import bootstrap_split, score_split
 from turbotrain.contract import LIDAR_TYPES, Run, pretraining_sources
 from turbotrain.train.checkpoint import load_checkpoint
 
@@ -33,7 +33,8 @@ def evaluate(config: dict, run: Run, checkpoint: str, cache_root: str, out_path:
         "run_id": run.run_id,
         "gt_range_rule": dataset.manifest["config"]["gt_range_rule"],
     }
-    write_metrics(out_path, run_record, detection, prediction, training)
+    write_metrics(out_path, run_record, detection, prediction, training,
+                  bootstrap_split(det_frames, pred_frames, config))
     return {"detection": detection["map"], "prediction": {k: prediction[k] for k in PREDICTION_METRICS}}
 
 
