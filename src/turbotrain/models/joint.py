@@ -71,16 +71,20 @@ class CooperativePnP(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------- forward
+    def encoder_bev(self, batch: Batch, feature_hook: FeatureHook | None = None) -> torch.Tensor:
+        """``(F, C, H, W)``: each frame's height-compressed 3D-encoder map, in its own sensor frame,
+        before the BEV backbone (what CooPre's decoder reads)."""
+        features = self.encoder.voxel_features(batch.voxels, batch.num_points)
+        if feature_hook is not None:
+            features = feature_hook(features)
+        return self.encoder.forward_features(features, batch.coords, len(batch.frame_sample))
+
     def forward_bev(self, batch: Batch, feature_hook: FeatureHook | None = None) -> dict[str, torch.Tensor]:
         """``step_bev (B, T, C, H, W)``, ``step_valid (B, T)``, ``bev (B, C, H, W)``, ``frame_bev (F, C, H, W)``.
 
         ``feature_hook`` maps the encoder's voxel features ``(V, C) -> (V, C)`` (masked pretraining).
         """
-        num_frames = len(batch.frame_sample)
-        features = self.encoder.voxel_features(batch.voxels, batch.num_points)
-        if feature_hook is not None:
-            features = feature_hook(features)
-        frame_bev = self.bev_backbone(self.encoder.forward_features(features, batch.coords, num_frames))
+        frame_bev = self.bev_backbone(self.encoder_bev(batch, feature_hook))
         warped, valid = warp_to_ego(frame_bev, batch.frame_pose_to_ego, self.grid)
         agents, agent_valid, agent_types = self._agent_slots(warped, valid, batch)
         B, T, A = batch.batch_size, self.history, agents.shape[0] // (batch.batch_size * self.history)

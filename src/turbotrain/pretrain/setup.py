@@ -11,14 +11,16 @@ from turbotrain.build import build_model, fused_dataset, grid_of
 from turbotrain.data.dataset import FusedDataset, UnionDataset
 from turbotrain.data.sample import collate
 from turbotrain.contract import FUSION_MODES, LIDAR_TYPES, TRAJECTORY_TYPES
+from turbotrain.pretrain.chamfer import ChamferOptions
 from turbotrain.pretrain.objective import VARIANT_INPUT, CombinedPretraining, MaskedReconstruction
 from turbotrain.pretrain.trajectory import TrajectorySSL
 from turbotrain.utils.errors import ConfigError
 from turbotrain.utils.seed import seed_everything
 
 
-def _vfe_and_bev_channels(model, data) -> tuple[int, int]:
-    """Feature widths of the voxel encoder and of the fused BEV map, read off one real batch.
+def _vfe_and_map_channels(model, data) -> tuple[int, int, int]:
+    """Feature widths of the voxel encoder, the 3D encoder's BEV map and the fused BEV map, read off
+    one real batch.
 
     Probed in eval mode: a training-mode pass would fold this sample into BatchNorm's running
     statistics before training starts.
@@ -28,10 +30,22 @@ def _vfe_and_bev_channels(model, data) -> tuple[int, int]:
     try:
         with torch.no_grad():
             vfe = model.encoder.voxel_features(batch.voxels, batch.num_points).shape[1]
+            encoder = model.encoder_bev(batch).shape[1]
             bev = model.forward_bev(batch)["bev"].shape[1]
     finally:
         model.train()
-    return vfe, bev
+    return vfe, encoder, bev
+
+
+def decode_from(variant_name: str, variant: dict, fusion_mode: str) -> str:
+    """Where the variant's decoder reads (``auto``: by type, objective.VARIANT_INPUT)."""
+    chosen = variant.get("decode_from", "auto")
+    chosen = VARIANT_INPUT[variant["type"]]["decode_from"] if chosen == "auto" else chosen
+    if chosen == "encoder" and fusion_mode not in ("early", "none"):
+        raise ConfigError(f"pretrain.variants.{variant_name}.decode_from: 'encoder' decodes one ego-frame cloud per "
+                          f"sample (ego_only, multi_agent); a {variant['type']} variant fuses agents after the "
+                          "encoder: use 'fused' or 'auto'")
+    return chosen
 
 
 @dataclass
@@ -92,10 +106,13 @@ def build_objective(config: dict, variant_name: str, fusion: str, cache_roots: l
     model = build_model(config, fusion, history=history)
     parts = []
     if variant["type"] in LIDAR_TYPES:
-        vfe, bev = _vfe_and_bev_channels(model, data)
+        vfe, encoder_channels, bev_channels = _vfe_and_map_channels(model, data)
         section = config["pretrain"]
-        parts.append(MaskedReconstruction(model, grid_of(config), variant, history, vfe, bev, section["points_per_cell"],
-                                          section["max_target_points"], transfer=spec["transfer"]))
+        source = decode_from(variant_name, variant, fusion_mode)
+        parts.append(MaskedReconstruction(
+            model, grid_of(config), variant, history, vfe, encoder_channels if source == "encoder" else bev_channels,
+            section["points_per_cell"], section["max_target_points"], transfer=spec["transfer"], decode_from=source,
+            chamfer=ChamferOptions(**section["chamfer"])))
     if variant["type"] in TRAJECTORY_TYPES:
         parts.append(trajectory_objective(config, variant_name, model))
     objective = parts[0] if len(parts) == 1 else CombinedPretraining(*parts)
