@@ -45,7 +45,8 @@ def _toy_batch():
 
 def _ssl(**options) -> TrajectorySSL:
     torch.manual_seed(0)
-    return TrajectorySSL(TrackEncoder(HIDDEN), AgentInteraction(HIDDEN, heads=4), HIDDEN, **options)
+    options = {"window": 5, **options}
+    return TrajectorySSL(TrackEncoder(HIDDEN), AgentInteraction(HIDDEN, heads=4), HIDDEN, HISTORY + FUTURE, **options)
 
 
 def test_the_two_windows_never_overlap_and_stay_inside_the_track():
@@ -70,9 +71,9 @@ def test_one_contiguous_segment_is_hidden_and_never_the_anchor_step():
 
 
 def test_masked_segments_are_not_visible_to_the_encoder():
-    ssl = _ssl().eval()
+    ssl = _ssl(reconstruction="inpaint").eval()
     batch = _toy_batch()
-    win = ssl.windows(batch, torch.Generator().manual_seed(0))[0]
+    win = ssl.windows(batch, torch.Generator().manual_seed(0))[0][0]
     hidden = segment_mask(win.present.shape, 5, 2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = ssl.embed(win, hidden)
@@ -95,7 +96,7 @@ def test_windows_are_in_the_anchor_frame():
 
 
 def test_contrastive_loss_ranks_the_positive_pair_first_after_a_few_steps():
-    ssl = _ssl(queue_size=64)
+    ssl = _ssl()  # SmartPretrain's settings: forward direction, no queue
     ssl.total_updates = 60
     batch = _toy_batch()
     optimizer = torch.optim.Adam([p for p in ssl.parameters() if p.requires_grad], lr=3e-3)
@@ -136,21 +137,53 @@ def test_momentum_rises_from_its_base_to_one_and_the_key_encoder_trails_the_onli
 def test_same_object_in_another_sample_is_not_a_negative():
     ids = agent_identities(["train/s/1/000", "train/s/2/000", "train/t/1/000"], torch.tensor([[4], [4], [4]]))
     assert torch.equal(ids[0], ids[1]) and not torch.equal(ids[0], ids[2])
+    ids = ids.view(3, 2)
     ssl = _ssl(queue_size=4, projection_dim=2)
     q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), dim=-1)
-    loss, top1 = ssl.contrast(q, q, ids.view(3, 2))
-    # query 0: its positive (itself), query 1 masked (same object), query 2 a negative; the empty queue adds nothing
-    sims = q @ q.T
-    inf = float("-inf")
-    logits = torch.stack([torch.stack([sims[0, 0], torch.tensor(inf), sims[0, 2]]),
-                          torch.stack([torch.tensor(inf), sims[1, 1], sims[1, 2]]), sims[2]]) / 0.07
-    expected = torch.nn.functional.cross_entropy(logits, torch.arange(3))
-    assert top1.all() and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    k = torch.nn.functional.normalize(torch.tensor([[0.9, 0.1], [0.2, 0.9], [0.5, 0.5]]), dim=-1)
+    # keys: the three first-window keys (columns 0-2), then the three positives (columns 3-5)
+    keys, key_ids, positive = torch.cat([q, k]), torch.cat([ids, ids]), torch.tensor([3, 4, 5])
+    loss, top1 = ssl.contrast(q, keys, ids, key_ids, positive)
+    # query 0 (object A in sample 1): its own key (0) and object A's keys seen from sample 2 (1, 4)
+    # are left out; negatives: object B's keys (2, 5). Likewise for query 1; query 2 (object B) keeps
+    # A's four keys as negatives and loses its own key (2).
+    sims, inf = q @ keys.T, float("-inf")
+    keep = torch.tensor([[0, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    logits = sims.masked_fill(~keep, inf) / 0.07
+    expected = torch.nn.functional.cross_entropy(logits, positive) * 2 * 0.07  # x 2T, as released
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # a queued key of another object is a negative; one of the same object is not
-    ssl.enqueue(torch.tensor([[0.6, 0.8], [1.0, 0.0]]), torch.tensor([[9, 9], ids[0, 0].tolist()]))
-    with_queue, _ = ssl.contrast(q, q, ids.view(3, 2))
+    ssl.enqueue(torch.tensor([[0.6, 0.8], [1.0, 0.0]]), torch.tensor([[9, 9], ids[0].tolist()]))
+    with_queue, _ = ssl.contrast(q, keys, ids, key_ids, positive)
     assert with_queue.item() > loss.item()
     assert ssl.queue_filled.sum() == 2
+
+
+def test_the_forecast_target_is_the_second_window_in_the_first_windows_frame():
+    # One agent driving straight along +x at 1 m/step, heading 0: 13 steps x = 0..12.
+    ssl = _ssl(window=3)
+    track = torch.zeros(1, 1, 13, 3)
+    track[0, 0, :, 0] = torch.arange(13.0)
+    valid = torch.ones(1, 1, 13, dtype=torch.bool)
+    valid[0, 0, 7] = False  # one step missing inside the second window
+    starts = torch.tensor([[1, 6]])  # windows: steps 1-3 and 6-8
+    first = TrackWindow(track, valid, starts[:, 0], 3, torch.ones(1, 1, dtype=torch.bool))
+    positions, scored, after = ssl.forecast_targets(track, valid, starts, first)
+    # the first window's anchor is step 3 (x = 3): step k is (k - 3, 0) in its frame
+    assert torch.allclose(positions[0, 0, :, 0], torch.arange(13.0) - 3) and positions[0, 0, :, 1].abs().max() < 1e-6
+    # scored: steps 4..8 (after the first window up to the end of the second), step 7 invalid
+    assert scored[0, 0].nonzero().flatten().tolist() == [4, 5, 6, 8]
+    assert after[0].nonzero().flatten().tolist() == list(range(4, 13))
+    # a decoder that outputs 1 m per step along x forecasts exactly: loss 0; 2 m per step: steps 4..8
+    # are off by 1, 2, 3, 5 m (step 7 unscored): SmoothL1 0.5, 1.5, 2.5, 4.5 -> mean 2.25
+    del ssl.decoder  # replaced by fixed forecasts below
+    for speed, expected in ((1.0, 0.0), (2.0, 2.25)):
+        deltas = torch.zeros(1, 13, 2)
+        deltas[..., 0] = speed
+        ssl.decoder = lambda x, d=deltas: d.flatten(1)  # noqa: E731 (a fixed forecast)
+        loss = ssl.forecasting(torch.zeros(1, ssl.start_embedding.shape[1]), torch.ones(1, 1, dtype=torch.bool),
+                               starts, (positions, scored, after))
+        assert loss.item() == pytest.approx(expected)
 
 
 def test_export_loads_into_the_prediction_head_of_the_joint_model(tmp_path):
@@ -165,7 +198,7 @@ def test_export_loads_into_the_prediction_head_of_the_joint_model(tmp_path):
            "prediction_head": {"name": "multimodal"}}
     source = CooperativePnP(cfg, grid, ["car"], history=HISTORY, future=FUTURE)
     head = source.prediction_head
-    ssl = TrajectorySSL(head.motion_encoder, head.interaction, head.history_gru.hidden_size)
+    ssl = TrajectorySSL(head.motion_encoder, head.interaction, head.history_gru.hidden_size, HISTORY + FUTURE)
     with torch.no_grad():
         for p in ssl.momentum_branch.parameters():
             p.fill_(0.25)

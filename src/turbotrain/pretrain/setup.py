@@ -84,11 +84,14 @@ def trajectory_objective(config: dict, variant_name: str, model) -> TrajectorySS
                           "motion branch (model.prediction_head.motion: true), which it pretrains")
     options = dict(config["pretrain"]["variants"][variant_name]["trajectory"])
     track_steps = config["cache"]["history"] + config["cache"]["future"]
+    # SmartPretrain ties the window to the history the model reads (our prediction head's motion
+    # encoder reads tracks of cache.history steps in fine-tuning)
+    options["window"] = options.get("window") or config["cache"]["history"]
     if 2 * options["window"] > track_steps:
         raise ConfigError(f"pretrain.variants.{variant_name}.trajectory.window: two non-overlapping windows of "
                           f"{options['window']} steps need tracks of {2 * options['window']} steps; the cache has "
                           f"{track_steps} (cache.history + cache.future)")
-    return TrajectorySSL(head.motion_encoder, head.interaction, head.history_gru.hidden_size, **options)
+    return TrajectorySSL(head.motion_encoder, head.interaction, head.history_gru.hidden_size, track_steps, **options)
 
 
 def build_objective(config: dict, variant_name: str, fusion: str, cache_roots: list[str], sources: list[str] | None = None,

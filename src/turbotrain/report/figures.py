@@ -81,15 +81,15 @@ def learning_curves(logs: Mapping[str, LogSource], path: str | os.PathLike, smoo
 
 
 TRAJECTORY_PANELS = {  # metrics.csv column -> (title, y label)
-    "loss/contrastive": ("Trajectory contrast (InfoNCE)", "contrastive loss"),
-    "loss/trajectory_reconstruction": ("Masked-segment reconstruction", "SmoothL1 (m)"),
+    "loss/contrastive": ("Trajectory contrast (InfoNCE x 2T)", "contrastive loss"),
+    "loss/trajectory_reconstruction": ("Cross-window reconstruction", "SmoothL1 (m)"),
     "log/positive_top1": ("Same agent ranked first", "positive top-1"),
 }
 
 
 def trajectory_pretraining(logs: Mapping[str, LogSource], path: str | os.PathLike, smooth: int = 10) -> Figure:
     """SmartPretrain runs (label -> their ``metrics.csv``): both losses and how often an agent's other
-    window is its best match among all candidates (in-batch agents and the queue)."""
+    window is its best match among all candidates (both windows' keys, and the queue where one is kept)."""
     frame = _stack(logs, "pretraining")
     missing = [c for c in TRAJECTORY_PANELS if c not in frame.columns]
     if missing:
