@@ -164,3 +164,11 @@ def test_detection_and_gt_on_either_side_of_a_bin_edge_fall_in_different_bins():
 def test_empty_split_has_undefined_ap():
     result = average_precision([frame([], [], [])], 0.5)
     assert math.isnan(result.ap)
+
+
+def test_an_empty_split_has_no_ap_rather_than_an_error():
+    from turbotrain.evaluate.detection import evaluate_detection
+
+    result = evaluate_detection([], ["car"], (0.5,), ((0.0, 30.0),))
+    assert result["map"]["0.5"] is None and result["ap"]["0.5"]["car"] is None
+    assert result["num_gt"] == {"car": 0} and result["range"]["0-30m"]["map"]["0.5"] is None

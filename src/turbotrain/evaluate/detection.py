@@ -191,7 +191,7 @@ def average_precision(
         score_lists.append(scores)
         num_gt += len(frame.gt_boxes)
     is_tp = np.concatenate(tp_lists) if tp_lists else np.zeros(0, dtype=bool)
-    if sort == "global":
+    if sort == "global" and score_lists:
         # Stable sort keeps frame order among equal scores, so results do not depend on numpy's sort.
         is_tp = is_tp[np.argsort(-np.concatenate(score_lists), kind="stable")]
     return ap_from_tp(is_tp, num_gt)
