@@ -46,6 +46,8 @@ def gradient_log(seed: int, conflict_bias: float) -> pd.DataFrame:
         "conflict": (cosine < 0).astype(int),
         "gradnorm/detection": rng.uniform(0.5, 1.5, len(step)),
         "gradnorm/prediction": rng.uniform(2.0, 4.0, len(step)),
+        "weight/detection": np.ones(len(step)),
+        "weight/prediction": np.exp(conflict_bias * np.sin(step / 30.0)),
     })
 
 
@@ -78,8 +80,12 @@ def test_gradient_conflict(tmp_path):
     logs = {"sum": gradient_log(0, 0.0), "pcgrad": gradient_log(1, 0.2), "turbotrain": gradient_log(2, 0.35)}
     fig = gradient_conflict(logs, tmp_path / "conflict.png", smooth=20)
     assert_png(tmp_path / "conflict.png")
-    assert_labelled(fig, 3)
+    assert_labelled(fig, 4)
     assert fig.axes[1].get_ylabel() == "steps with cosine < 0"
+    # the effective weights: the plain sum's ratio is 1 throughout, the others move
+    assert fig.axes[3].get_title() == "Effective task weights"
+    curves = [np.asarray(line.get_ydata(), float) for line in fig.axes[3].get_lines() if len(line.get_ydata()) > 2]
+    assert any(np.allclose(y, 1.0) for y in curves) and any(not np.allclose(y, 1.0) for y in curves)
 
 
 def test_gradient_conflict_reads_trainer_logs_with_sparse_diagnostics(tmp_path):
@@ -90,7 +96,7 @@ def test_gradient_conflict_reads_trainer_logs_with_sparse_diagnostics(tmp_path):
     log.assign(**{"loss/detection": 1.0}).to_csv(csv, index=False)
     fig = gradient_conflict({"pcgrad": csv}, tmp_path / "conflict.png", smooth=5)
     assert_png(tmp_path / "conflict.png")
-    assert_labelled(fig, 3)
+    assert_labelled(fig, 4)
     assert len(fig.axes[1].get_lines()[0].get_xdata()) == 100  # only the logged steps
 
 

@@ -107,15 +107,18 @@ def trajectory_pretraining(logs: Mapping[str, LogSource], path: str | os.PathLik
 
 
 def gradient_conflict(logs: Mapping[str, LogSource], path: str | os.PathLike, smooth: int = 20) -> Figure:
-    """Task-gradient cosine, conflict rate (rolling share of conflicting steps) and gradient-norm ratio
-    over training, one line per balancer (``logs`` balancer name -> gradient CSV)."""
+    """Task-gradient cosine, conflict rate (rolling share of conflicting steps), gradient-norm ratio
+    and the balancer's effective task-weight ratio over training, one line per balancer (``logs``
+    balancer name -> gradient CSV). The weight panel makes a rule's implicit reweighting visible
+    (TurboTrain's magnitude balancing, FAMO, uncertainty weighting); a plain sum stays at 1."""
     frame = _gradient_columns(_stack(logs, "balancer"))
     frame["conflict_rate"] = frame.groupby("balancer")["conflict"].transform(
         lambda s: s.astype(float).rolling(max(smooth, 1), min_periods=1).mean()
     )
     norms = sorted(c for c in frame.columns if c.startswith("gradnorm/"))
+    weights = sorted(c for c in frame.columns if c.startswith("weight/"))
     with _theme():
-        fig, axes = _panels(3 if len(norms) >= 2 else 2)
+        fig, axes = _panels(2 + (len(norms) >= 2) + (len(weights) >= 2))
         _smoothed_lines(axes[0], frame, "step", "cosine", "balancer", smooth)
         axes[0].axhline(0.0, color="0.3", lw=1, ls="--")
         axes[0].set(title="Cosine between task gradients", xlabel="Training step", ylabel="cosine similarity",
@@ -135,10 +138,25 @@ def gradient_conflict(logs: Mapping[str, LogSource], path: str | os.PathLike, sm
             names = [n.split("/", 1)[1] for n in norms[:2]]
             axes[2].set(title="Task gradient-norm ratio", xlabel="Training step",
                         ylabel=f"|g_{names[0]}| / |g_{names[1]}|")
+        if len(weights) >= 2:
+            _weight_ratio_panel(axes[-1], frame, weights, smooth)
         _single_legend(axes)
         fig.suptitle("Task-gradient conflict during training", fontweight="bold")
     save_figure(fig, path)
     return fig
+
+
+def _weight_ratio_panel(ax, frame: pd.DataFrame, weights: list[str], smooth: int) -> None:
+    """Effective weight of the second task relative to the first (log scale; 1 = unweighted)."""
+    names = [w.split("/", 1)[1] for w in weights[:2]]
+    frame["weight_ratio"] = frame[weights[1]] / frame[weights[0]].replace(0, np.nan)
+    _smoothed_lines(ax, frame, "step", "weight_ratio", "balancer", smooth)
+    ax.axhline(1.0, color="0.3", lw=1, ls="--")
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set(title="Effective task weights", xlabel="Training step", ylabel=f"w_{names[1]} / w_{names[0]}")
 
 
 def ap_vs_time(frame: pd.DataFrame, path: str | os.PathLike, metrics: Sequence[str] = ("ap50", "epa")) -> Figure:
