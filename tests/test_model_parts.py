@@ -369,3 +369,34 @@ def test_motion_branch_can_be_turned_off_and_checks_the_history_length():
     assert not any(name.startswith(("motion_encoder", "interaction")) for name, _ in plain.named_parameters())
     with pytest.raises(ValueError, match="history steps"):
         MultiModalTrajectoryHead(8, GRID, num_classes=3, future=5, history=2)(step_bev, bev, boxes, classes)
+
+
+def test_paper_encoder_and_bev_backbone_have_the_published_sizes():
+    """config/paper.yaml's encoder + BEV backbone against counts worked out from the reference configs.
+
+    OpenCOOD / CooPre BaseBEVBackbone (second_*.yaml: layer_nums [5, 5], strides [1, 2], filters
+    [128, 256], upsample strides [1, 2] to [256, 256]) on 256 input channels, bias-free convs + BN:
+      block 1: 256*128*9 + 2*128 + 5 * (128*128*9 + 2*128)        = 1,033,728
+      block 2: 128*256*9 + 2*256 + 5 * (256*256*9 + 2*256)        = 3,247,104
+      deblock 1: 128*256*1*1 + 2*256 = 33,280; deblock 2: 256*256*2*2 + 2*256 = 262,656
+      total 4,576,768.
+    CooPre's VoxelResBackBone8x (OpenPCDet's layout: SubM input conv bias-free + BN; residual blocks
+    of two SubM convs with bias + BN; strided convs bias-free + BN; a (3, 1, 1) output conv):
+      input 4*16*27 + 32 = 1,760; stage 1: 2 blocks * 2 * (16*16*27 + 16 + 32) = 27,840
+      stage 2: 16*32*27 + 64 + 4 * (32*32*27 + 32 + 64) = 124,864
+      stage 3: 32*64*27 + 128 + 4 * (64*64*27 + 64 + 128) = 498,560
+      stage 4: 64*128*27 + 256 + 4 * (128*128*27 + 128 + 256) = 1,992,448
+      output 128*128*3 + 256 = 49,408; total 2,694,880 (the mean VFE has no weights).
+    """
+    from pathlib import Path
+
+    from turbotrain.build import build_model
+    from turbotrain.config import load_config
+
+    root = Path(__file__).parents[1] / "config"
+    config = load_config([root / "config.yaml", root / "paper.yaml"])
+    model = build_model(config, "attfuse")
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert model.encoder.out_channels == 256  # z -5..3 m at 0.2 m: 40 cells -> 2 after the encoder, x 128
+    assert count(model.bev_backbone) == 4_576_768
+    assert count(model.encoder) == 2_694_880
