@@ -14,6 +14,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -242,3 +243,15 @@ def test_runs_without_pretraining_provenance_read_as_their_own_dataset(frame):
     first = frame.set_index("run_id").loc["main-turbotrain-s0"]
     assert first["pretrain_type"] == first["pretrain"]
     assert first["pretrain_data"] == (first["dataset"] if first["pretrain"] != "none" else "–")
+
+
+def test_the_ablation_table_splits_rows_by_label_fraction_where_runs_differ_in_it(frame, tmp_path):
+    from turbotrain.report.tables import ablation_table
+
+    runs = frame[np.isclose(frame["label_fraction"], 1.0)]
+    runs = runs[runs["pretrain"] == runs["pretrain"].iloc[0]].copy()
+    half = runs.copy()
+    half["label_fraction"] = 0.5
+    table = ablation_table(pd.concat([runs, half], ignore_index=True), tmp_path / "ablation.csv")
+    assert "label_fraction" in table.columns and set(table["label_fraction"]) == {0.5, 1.0}
+    assert "label_fraction" not in ablation_table(runs, tmp_path / "one.csv").columns

@@ -184,8 +184,13 @@ def main_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str
 
 def ablation_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
                    metrics: Sequence[str] = ABLATION_METRICS) -> pd.DataFrame:
-    """Pretrain x balancer rows plus the mask-ratio sweep rows (``mask_ratio`` "–" where not masked)."""
-    return _build_and_write(_select(frame, experiment), ["pretrain", "balancer", "mask_ratio"], metrics, csv_path)
+    """Pretrain x balancer rows plus the mask-ratio sweep rows (``mask_ratio`` "–" where not masked);
+    a label-fraction column where the runs were trained on more than one."""
+    frame = _select(frame, experiment)
+    rows = ["pretrain", "balancer", "mask_ratio"]
+    if "label_fraction" in frame.columns and frame["label_fraction"].nunique() > 1:
+        rows.append("label_fraction")
+    return _build_and_write(frame, rows, metrics, csv_path)
 
 
 def transfer_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
