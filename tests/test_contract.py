@@ -138,3 +138,22 @@ def test_frozen_configs_are_named_by_content_and_never_rewritten(config, tmp_pat
     C.frozen_config_path(config)
     assert Path(first).stat().st_mtime_ns == before
     assert load_config(first) == config
+
+
+def test_the_trajectory_figure_reads_only_pretraining_logs_the_grid_writes(config):
+    """The figure reads each trajectory-pretraining run's own log, at the budget it was pretrained at
+    (the default pretrains `lidar_trajectory` only at `proportional`: a `schedule` path never exists)."""
+    import pandas as pd
+
+    from turbotrain.stages.report import _trajectory_pretraining_logs
+
+    runs = C.expand_runs(config)
+    frame = pd.DataFrame([{"dataset": r.dataset, "fusion": r.fusion, "pretrain": r.pretrain, "recipe": r.recipe,
+                           "balancer": r.balancer, "label_fraction": r.label_fraction, "seed": r.seed,
+                           "budget": r.budget} for r in runs])
+    written = {Path(C.pretrained_path(config["dataset"]["name"], f, p, b)).parent / "metrics.csv"
+               for f, p, b in C.pretraining_jobs(config)}
+    logs = _trajectory_pretraining_logs(config, frame)
+    assert logs and set(logs.values()) <= written
+    assert len(logs) == len({(f, p, b) for f, p, b in C.pretraining_jobs(config)
+                             if C.variant_type(config, p) in C.TRAJECTORY_TYPES})

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from turbotrain.evaluate.metrics_file import metrics_frame
-from turbotrain.contract import TRAJECTORY_TYPES, Run, expand_runs, pretrained_path, pretraining_sources, template
+from turbotrain.contract import TRAJECTORY_TYPES, Run, expand_runs, pretraining_sources, template
 from turbotrain.report import claims, figures, tables
 from turbotrain.utils.errors import ConfigError
 
@@ -122,13 +122,22 @@ def write_figure(config: dict, figure: str, metrics_paths: list[str], out_png: s
 def _trajectory_pretraining_logs(config: dict, frame: pd.DataFrame) -> dict[str, Path]:
     """``metrics.csv`` of every pretraining run of the grid with a trajectory objective, by variant."""
     variants = config["pretrain"]["variants"]
-    runs = {(r.dataset, r.trained_fusion, r.pretrain) for r in map(_run_of, (row for _, row in frame.iterrows()))
+    runs = {r for r in map(_run_of, (row for _, row in frame.iterrows()))
             if variants[r.pretrain]["type"] in TRAJECTORY_TYPES}
     if not runs:
         raise ConfigError("figure trajectory_pretraining: the experiment grid has no trajectory pretraining")
-    return {f"{pretrain} ({pretraining_sources(config, pretrain)})" if fusion == "attfuse" else f"{fusion}/{pretrain}":
-            Path(pretrained_path(dataset, fusion, pretrain)).parent / "metrics.csv"
-            for dataset, fusion, pretrain in sorted(runs)}
+    # A variant may be pretrained at several budgets (schedule / matched / proportional): one curve each.
+    budgets = {}
+    for r in runs:
+        budgets.setdefault((r.trained_fusion, r.pretrain), set()).add(r.budget)
+    logs = {}
+    for r in sorted(runs):
+        name = (f"{r.pretrain} ({pretraining_sources(config, r.pretrain)})" if r.trained_fusion == "attfuse"
+                else f"{r.trained_fusion}/{r.pretrain}")
+        if len(budgets[(r.trained_fusion, r.pretrain)]) > 1:
+            name += f", {r.budget}"
+        logs[name] = Path(r.pretrained_path).parent / "metrics.csv"
+    return logs
 
 
 def _qualitative(config: dict, frame: pd.DataFrame, out_png: str, cache_root: str) -> None:
