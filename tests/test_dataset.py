@@ -179,3 +179,42 @@ def test_bev_picture_written_atomically(cache_dir, tmp_path):
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
     assert width > 1000 and 0.3 < height / width < 0.8
     assert [p.name for p in tmp_path.iterdir()] == ["bev.png"]  # no temporary left behind
+
+
+def test_points_first_moves_each_agents_points_into_the_ego_frame(cache_dir):
+    warped = FusedDataset(cache_dir, "train")
+    projected = FusedDataset(cache_dir, "train", fusion_mode="points_first")
+    i = _index(warped, SAMPLE)
+    own = {(f.step, f.agent_id): f for f in warped[i].frames}
+    moved = {(f.step, f.agent_id): f for f in projected[i].frames}
+    assert set(own) == set(moved)  # the same agent-frames, each now in the ego frame
+    key = lambda p: p[np.lexsort(p.T[::-1])]  # noqa: E731 - order-free comparison
+    for slot, frame in moved.items():
+        np.testing.assert_array_equal(frame.pose_to_ego, np.eye(4))
+        expected = transform_points(own[slot].points(), own[slot].pose_to_ego)
+        expected = expected[projected.grid.contains(expected)]
+        np.testing.assert_allclose(key(frame.points()), key(expected), atol=1e-5)
+
+
+def test_points_first_and_feature_warp_agree_for_an_agent_at_the_ego_pose(cache_dir):
+    """The ego's current frame is at the ego's pose: moving its points is the identity, and so is the
+    feature warp, so a model must see the same map through either alignment."""
+    from test_joint_model import model_cfg
+    from turbotrain.models.joint import CooperativePnP
+    from turbotrain.utils.seed import seed_everything
+
+    def ego_now(mode: str):
+        dataset = FusedDataset(cache_dir, "train", fusion_mode=mode, history=1)
+        sample = dataset[_index(dataset, SAMPLE)]
+        sample.frames = [f for f in sample.frames if f.agent_id == 1]  # the ego (vehicle 1)
+        return dataset.grid, collate([sample])
+
+    grid, warped = ego_now("intermediate")
+    _, projected = ego_now("points_first")
+    np.testing.assert_array_equal(warped.frame_pose_to_ego.numpy(), projected.frame_pose_to_ego.numpy())
+    seed_everything(0)
+    model = CooperativePnP(model_cfg("fcooper"), grid, ["car", "pedestrian", "truck"], history=1, future=2).eval()
+    with torch.no_grad():
+        a, b = model.forward_bev(warped)["bev"], model.forward_bev(projected)["bev"]
+    assert a.abs().sum() > 0
+    assert torch.allclose(a, b, atol=1e-5)

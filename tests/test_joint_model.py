@@ -50,7 +50,6 @@ def test_tiny_forward_shapes(batch):
     C = model.bev_backbone.out_channels
     assert bev["step_bev"].shape == (2, HISTORY, C, 32, 32)
     assert bev["bev"].shape == (2, C, 32, 32)
-    assert bev["frame_bev"].shape == (len(batch.frame_sample), C, 32, 32)
     assert bev["step_valid"].all()
     out = model(batch)
     assert out["detection"]["heatmap"].shape == (2, len(CLASSES), 32, 32)
@@ -70,7 +69,7 @@ def test_paper_size_on_a_small_grid_crop():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-COMBINATIONS = [(f, "attention") for f in ("ego", "fcooper", "attfuse", "v2xvit")] + [("v2xvit", "conv_gru"), ("fcooper", "none")]
+COMBINATIONS = [(f, "attention") for f in ("ego", "fcooper", "attfuse", "attfuse_mha", "hmsa_lite", "v2xvit")] + [("v2xvit", "conv_gru"), ("fcooper", "none")]
 
 
 @pytest.mark.parametrize("fusion,temporal", COMBINATIONS)
@@ -149,6 +148,24 @@ def test_cooperator_order_does_not_change_the_fused_map():
         with torch.no_grad():
             a, b = model.forward_bev(first)["bev"], model.forward_bev(swapped)["bev"]
         assert torch.allclose(a, b, atol=1e-4), fusion
+
+
+def test_per_scale_attfuse_of_the_ego_alone_is_the_unfused_backbone(batch):
+    """With only the ego's frames, each at the ego's pose (warping is then the identity at every
+    scale), attention over one agent returns its feature, so fusing each stage's output (attfuse)
+    must give what the backbone gives unfused (the ego fuser)."""
+    (sample,) = toy_samples(TINY_GRID, SCENES[:1], seed=5)
+    sample.frames = [dataclasses.replace(f, pose_to_ego=np.eye(4)) for f in sample.frames if f.agent_id >= 0]
+    alone = collate([sample])
+    torch.manual_seed(0)
+    per_scale = build("attfuse").eval()
+    unfused = build("ego").eval()
+    unfused.load_state_dict(per_scale.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(per_scale.forward_bev(alone)["bev"], unfused.forward_bev(alone)["bev"], atol=1e-5)
+        # with a cooperator the two differ: the fusion does act at the scales
+        two = collate(toy_samples(TINY_GRID, SCENES[:1], seed=5))
+        assert not torch.allclose(per_scale.forward_bev(two)["bev"], unfused.forward_bev(two)["bev"], atol=1e-3)
 
 
 def test_parameter_groups_split_the_model_exactly():

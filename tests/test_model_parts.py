@@ -17,7 +17,7 @@ from turbotrain.models.detection_head import (
     direction_bin,
     gaussian_focal_loss,
 )
-from turbotrain.models.fusion import AttFuse, EgoOnly, FCooperMax, V2XViTFusion
+from turbotrain.models.fusion import AttFusion, EgoOnly, FCooperMax, HMSALite, MultiHeadAttFuse
 from turbotrain.models.prediction_head import MultiModalTrajectoryHead, backcast_loss, sample_bev
 from turbotrain.models.presets import part_config
 from turbotrain.models.registry import BEV_BACKBONES, DETECTION_HEADS, FUSERS, PREDICTION_HEADS, TEMPORAL
@@ -30,7 +30,7 @@ GRID = Grid((-12.8, -12.8, -3.0, 12.8, 12.8, 1.0), (0.4, 0.4, 4.0), 2)  # 32 x 3
 
 def test_parts_are_registered_by_name():
     assert "resnet_fpn" in BEV_BACKBONES.names()
-    assert {"ego", "fcooper", "attfuse", "v2xvit"} <= set(FUSERS.names())
+    assert {"ego", "fcooper", "attfuse", "attfuse_mha", "hmsa_lite", "v2xvit"} <= set(FUSERS.names())
     assert {"attention", "conv_gru", "none"} <= set(TEMPORAL.names())
     assert "center" in DETECTION_HEADS.names()
     assert "multimodal" in PREDICTION_HEADS.names()
@@ -117,7 +117,11 @@ def test_warp_marks_cells_outside_the_agent_map_invalid_and_zero():
 
 
 # ----------------------------------------------------------------------------------------- fusion
-FUSER_CLASSES = [EgoOnly, FCooperMax, AttFuse, V2XViTFusion]
+FUSER_CLASSES = [EgoOnly, FCooperMax, AttFusion, MultiHeadAttFuse, HMSALite]
+
+
+def _fuser(fuser_cls, channels=8):
+    return fuser_cls(channels) if fuser_cls in (EgoOnly, FCooperMax, AttFusion) else fuser_cls(channels, heads=2)
 
 
 def _agent_inputs(G=2, A=4, C=8, H=5, W=6, seed=0):
@@ -132,7 +136,7 @@ def _agent_inputs(G=2, A=4, C=8, H=5, W=6, seed=0):
 @pytest.mark.parametrize("fuser_cls", FUSER_CLASSES)
 def test_fusion_is_permutation_invariant_over_cooperators(fuser_cls):
     torch.manual_seed(0)
-    fuser = fuser_cls(channels=8, heads=2).eval()
+    fuser = _fuser(fuser_cls).eval()
     features, valid, types = _agent_inputs()
     perm = torch.tensor([0, 3, 1, 2])  # ego stays in slot 0
     with torch.no_grad():
@@ -145,7 +149,7 @@ def test_fusion_is_permutation_invariant_over_cooperators(fuser_cls):
 @pytest.mark.parametrize("fuser_cls", FUSER_CLASSES)
 def test_fusion_ignores_invalid_entries(fuser_cls):
     torch.manual_seed(0)
-    fuser = fuser_cls(channels=8, heads=2).eval()
+    fuser = _fuser(fuser_cls).eval()
     features, valid, types = _agent_inputs()
     noisy = features.clone()
     noisy[~valid.expand_as(features)] = 1e3  # garbage where nothing is valid must not leak through
@@ -165,15 +169,26 @@ def test_fcooper_is_the_max_over_valid_agents():
     assert torch.equal(out, features[:, :3].amax(dim=1))
 
 
-def test_v2xvit_depends_on_agent_types_and_attfuse_does_not():
+def test_hmsa_lite_depends_on_agent_types_and_attfuse_does_not():
     torch.manual_seed(0)
     features, valid, types = _agent_inputs()
     flipped = 1 - types
-    v2x = V2XViTFusion(8, heads=2).eval()
-    att = AttFuse(8, heads=2).eval()
+    hmsa = HMSALite(8, heads=2).eval()
     with torch.no_grad():
-        assert not torch.allclose(v2x(features, valid, types), v2x(features, valid, flipped))
-        assert torch.allclose(att(features, valid, types), att(features, valid, flipped))
+        assert not torch.allclose(hmsa(features, valid, types), hmsa(features, valid, flipped))
+        for att in (AttFusion(8), MultiHeadAttFuse(8, heads=2).eval()):
+            assert torch.allclose(att(features, valid, types), att(features, valid, flipped))
+
+
+def test_attfusion_is_opencoods_parameter_free_ego_row_attention():
+    # One cell, C = 2: ego [1, 0], cooperator [0, 2], an empty third slot.
+    # scores q.k / sqrt(C): ego.ego = 1/sqrt(2) = 0.70711, ego.coop = 0 -> softmax [0.66976, 0.33024];
+    # output = 0.66976 * [1, 0] + 0.33024 * [0, 2] = [0.66976, 0.66048].
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]).view(1, 3, 2, 1, 1)
+    valid = torch.tensor([True, True, False]).view(1, 3, 1, 1, 1)
+    out = AttFusion(2)(features, valid, torch.zeros(1, 3, dtype=torch.long))
+    assert torch.allclose(out.flatten(), torch.tensor([0.66976, 0.66048]), atol=1e-5)
+    assert sum(p.numel() for p in AttFusion(256).parameters()) == 0 and AttFusion.per_scale
 
 
 # ----------------------------------------------------------------------------------------- temporal

@@ -255,3 +255,15 @@ def test_the_ablation_table_splits_rows_by_label_fraction_where_runs_differ_in_i
     table = ablation_table(pd.concat([runs, half], ignore_index=True), tmp_path / "ablation.csv")
     assert "label_fraction" in table.columns and set(table["label_fraction"]) == {0.5, 1.0}
     assert "label_fraction" not in ablation_table(runs, tmp_path / "one.csv").columns
+
+
+def test_table_captions_name_the_head_and_the_fusion_implementation():
+    from turbotrain.config import load_config
+    from turbotrain.report.tables import model_caption
+
+    from pipeline_helpers import REPO_ROOT
+
+    model = load_config(REPO_ROOT / "config" / "config.yaml")["model"]
+    caption = model_caption(model, ["attfuse", "v2xvit"])
+    assert "detection head `center`" in caption and "`warp_features`" in caption
+    assert "`attfuse` = OpenCOOD's AttFusion" in caption and "`v2xvit` = V2X-ViT" in caption

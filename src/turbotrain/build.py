@@ -38,14 +38,22 @@ def build_model(config: dict, fusion: str, history: int | None = None):
 
 def fused_dataset(config: dict, cache_root: str, split: str, fusion_mode: str, label_fraction: float = 1.0,
                   history: int | None = None) -> FusedDataset:
+    """``intermediate`` reads as ``model.cooperator_alignment`` says: each agent in its own frame, its
+    features warped by the model (``warp_features``), or its points moved into the ego frame before
+    voxelising (``points_first``, OpenCOOD's ``proj_first``)."""
+    if fusion_mode == "intermediate" and config["model"]["cooperator_alignment"] == "points_first":
+        fusion_mode = "points_first"
     return FusedDataset(cache_root, split, fusion_mode=fusion_mode, label_fraction=label_fraction,
                         history=history, grid=grid_of(config), voxel_backend="auto")
 
 
 def evaluation_dataset(config: dict, cache_root: str, fusion: str, split: str | None = None) -> FusedDataset:
-    """The split a run is scored on, read as its fusion method needs (late fusion: every agent's frames)."""
-    mode = "intermediate" if fusion == "late" else FUSION_MODES[fusion][0]
-    return fused_dataset(config, cache_root, split or config["evaluation"]["split"], mode)
+    """The split a run is scored on, read as its fusion method needs (late fusion: every agent's
+    frames in its own sensor frame, whose boxes are moved into the ego frame after detection)."""
+    split = split or config["evaluation"]["split"]
+    if fusion == "late":
+        return FusedDataset(cache_root, split, fusion_mode="intermediate", grid=grid_of(config), voxel_backend="auto")
+    return fused_dataset(config, cache_root, split, FUSION_MODES[fusion][0])
 
 
 def cache_fingerprint(cache_root: str, split: str = "train") -> str:

@@ -40,8 +40,21 @@ FUSION_MODES = {
     "fcooper": ("intermediate", "fcooper"),
     "attfuse": ("intermediate", "attfuse"),
     "v2xvit": ("intermediate", "v2xvit"),
+    "attfuse_mha": ("intermediate", "attfuse_mha"),
+    "hmsa_lite": ("intermediate", "hmsa_lite"),
 }
 FUSIONS = tuple(FUSION_MODES)
+# What each fusion name is, for table captions (docs/faithfulness.md has the reference behind each).
+FUSION_IMPLEMENTATIONS = {
+    "none": "ego only",
+    "early": "early fusion (points merged, one encoder pass)",
+    "late": "late fusion (the ego model's boxes merged)",
+    "fcooper": "F-Cooper (max over agents)",
+    "attfuse": "OpenCOOD's AttFusion (no weights, at every backbone scale)",
+    "v2xvit": "V2X-ViT (HMSA + multi-scale window attention)",
+    "attfuse_mha": "our learned multi-head AttFuse variant (not the published one)",
+    "hmsa_lite": "our light heterogeneous attention (not V2X-ViT)",
+}
 LATE_FUSION = "late"
 # Every fusion but late trains a model of its own; late fusion evaluates the no-fusion model.
 TRAINED_FUSIONS = tuple(f for f in FUSIONS if f != LATE_FUSION)

@@ -4,6 +4,8 @@ Fusion modes decide which agent-frames a :class:`~turbotrain.data.sample.Sample`
 
 * ``intermediate`` - every cooperating agent-frame, each in its own sensor frame with ``pose_to_ego``;
 * ``none`` - the ego's own agent-frames only;
+* ``points_first`` - the agent-frames of ``intermediate``, each agent's points first moved into the
+  ego frame at t and re-voxelised there (identity ``pose_to_ego``): OpenCOOD's ``proj_first: true``;
 * ``early`` - per history step one agent-frame: all agents' points moved into the ego frame at t,
   concatenated and re-voxelised on ``grid`` (identity ``pose_to_ego``, ``agent_id`` = the ego's);
 * ``tracks`` - no agent-frames at all: the labels and the objects' tracks only (trajectory
@@ -30,7 +32,8 @@ from turbotrain.grid import Grid
 from turbotrain.utils.errors import ConfigError, DataError
 from turbotrain.utils.seed import seed_worker
 
-FusionMode = Literal["intermediate", "early", "none", "tracks"]
+FusionMode = Literal["intermediate", "points_first", "early", "none", "tracks"]
+FUSION_MODES = ("intermediate", "points_first", "early", "none", "tracks")
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class FusedDataset(Dataset):
     ):
         """``history``: use the most recent steps of the cached ones; ``grid`` / ``max_*``: early fusion's
         re-voxelisation (default: the cache's grid and points per voxel, and room for every agent's voxels)."""
-        if fusion_mode not in ("intermediate", "early", "none", "tracks"):
-            raise ConfigError(f"fusion_mode must be intermediate, early, none or tracks, got {fusion_mode!r}")
+        if fusion_mode not in FUSION_MODES:
+            raise ConfigError(f"fusion_mode must be one of {', '.join(FUSION_MODES)}, got {fusion_mode!r}")
         self.split_dir = Path(cache_dir) / split
         self.fusion_mode = fusion_mode
         self.manifest = load_manifest(self.split_dir, expected_config_hash)
@@ -81,6 +84,8 @@ class FusedDataset(Dataset):
             max_voxels or int(cfg["max_voxels"]) * int(cfg["max_agents"]),
             voxel_backend,
         )
+        # points_first: one agent's cloud in the ego frame, under the cache's per-agent caps
+        self.agent_voxelizer = Voxelizer(self.grid, self.max_points_per_voxel, int(cfg["max_voxels"]), voxel_backend)
         self._rows = self._select_rows(label_fraction)
         self._shards: dict[int, dict[str, np.ndarray]] = {}
         self._stores: dict[str, MappedNpz] = {}
@@ -98,6 +103,8 @@ class FusedDataset(Dataset):
             frames = [self._agent_frame(shard, row, ref) for ref in refs if ref.agent_id == ego_id]
         elif self.fusion_mode == "intermediate":
             frames = [self._agent_frame(shard, row, ref) for ref in refs]
+        elif self.fusion_mode == "points_first":
+            frames = [self._projected_frame(shard, row, ref) for ref in refs]
         else:
             frames = [self._early_frame(shard, row, refs, step, ego_id) for step in range(self.history)]
         return self._sample(shard, row, frames)
@@ -158,6 +165,13 @@ class FusedDataset(Dataset):
     def _agent_frame(self, shard: dict, row: int, ref: _FrameRef) -> AgentFrame:
         voxels, coords, num_points = self._stored_voxels(str(shard["scenarios"][row]), ref.slot)
         return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=ref.pose_to_ego.copy(),
+                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
+
+    def _projected_frame(self, shard: dict, row: int, ref: _FrameRef) -> AgentFrame:
+        """The agent's cached points moved into the ego frame at t, voxelised there (identity pose)."""
+        points = transform_points(self._stored_points(str(shard["scenarios"][row]), ref.slot), ref.pose_to_ego)
+        voxels, coords, num_points = self.agent_voxelizer(points)
+        return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=np.eye(4),
                           agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
 
     def _early_frame(self, shard: dict, row: int, refs: list[_FrameRef], step: int, ego_id: int) -> AgentFrame:

@@ -63,8 +63,36 @@ def _upsample(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
     return nn.Sequential(up, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
 
 
+class MultiScaleBackbone(nn.Module):
+    """Strided ``stages`` whose outputs ``ups`` bring back to the input resolution and concatenate.
+
+    ``scales`` and ``merge`` split the forward so that a per-scale fuser (OpenCOOD's AttFusion in
+    ``AttBEVBackbone``) can fuse each stage's output between them; ``forward`` is the unfused path.
+    """
+
+    stages: nn.ModuleList
+    ups: nn.ModuleList
+    total_stride: int
+
+    def scales(self, bev: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output, the input zero-padded bottom/right to a multiple of ``total_stride``."""
+        x = _pad_to_multiple(bev, self.total_stride)
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def merge(self, scales: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+        """Upsample every scale, concatenate and crop the padding: ``(N, out_channels, height, width)``."""
+        return torch.cat([up(x) for up, x in zip(self.ups, scales)], dim=1)[..., :height, :width]
+
+    def forward(self, bev: torch.Tensor) -> torch.Tensor:
+        return self.merge(self.scales(bev), *bev.shape[-2:])
+
+
 @BEV_BACKBONES.register("resnet_fpn")
-class ResNetFPNBackbone(nn.Module):
+class ResNetFPNBackbone(MultiScaleBackbone):
     """Multi-scale residual BEV backbone; output ``(N, out_channels, H, W)`` at the input resolution."""
 
     def __init__(
@@ -96,18 +124,10 @@ class ResNetFPNBackbone(nn.Module):
         self.total_stride = cumulative[-1]
         self.out_channels = int(sum(num_upsample_filters))
 
-    def forward(self, bev: torch.Tensor) -> torch.Tensor:
-        height, width = bev.shape[-2:]
-        x = _pad_to_multiple(bev, self.total_stride)
-        scales = []
-        for stage, up in zip(self.stages, self.ups):
-            x = stage(x)
-            scales.append(up(x))
-        return torch.cat(scales, dim=1)[..., :height, :width]
 
 
 @BEV_BACKBONES.register("second_bev")
-class SecondBEVBackbone(nn.Module):
+class SecondBEVBackbone(MultiScaleBackbone):
     """OpenCOOD's BaseBEVBackbone (plain convs); output ``(N, sum(num_upsample_filters), H, W)``."""
 
     def __init__(
@@ -142,14 +162,6 @@ class SecondBEVBackbone(nn.Module):
         self.total_stride = cumulative[-1]
         self.out_channels = int(sum(num_upsample_filters))
 
-    def forward(self, bev: torch.Tensor) -> torch.Tensor:
-        height, width = bev.shape[-2:]
-        x = _pad_to_multiple(bev, self.total_stride)
-        scales = []
-        for stage, up in zip(self.stages, self.ups):
-            x = stage(x)
-            scales.append(up(x))
-        return torch.cat(scales, dim=1)[..., :height, :width]
 
 
 _OPENCOOD_BN = dict(eps=1e-3, momentum=0.01)

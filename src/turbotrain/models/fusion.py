@@ -85,16 +85,43 @@ class EgoQueryAttention(nn.Module):
 
 
 @FUSERS.register("attfuse")
-class AttFuse(EgoQueryAttention):
-    """AttFuse (OPV2V): per-cell self-attention over agents, ego output."""
+class AttFusion(nn.Module):
+    """OpenCOOD's AttFusion (OPV2V's AttFuse), as in ``fuse_modules/self_attn.py``: no learned weights,
+    one head; per cell the ego feature attends to every agent's feature (keys = values = the
+    features), scores ``q.k / sqrt(C)``, and the ego row is the output. ``per_scale``: the model
+    applies it to every BEV-backbone scale before upsampling, while the next stage reads the unfused
+    features (OpenCOOD's ``AttBEVBackbone``). One departure, also in every other fuser here: entries
+    outside an agent's map or in an empty slot are masked out of the softmax (OpenCOOD projects
+    points first, so every agent covers every cell and there are no empty slots in a batch).
+    """
+
+    per_scale = True
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
+
+    def forward(self, features: torch.Tensor, valid: torch.Tensor, agent_types: torch.Tensor) -> torch.Tensor:
+        C = features.shape[2]
+        features = features * valid
+        logits = (features[:, :1] * features).sum(dim=2, keepdim=True) / C**0.5  # (G, A, 1, H, W)
+        weights = _masked_softmax_over_agents(logits, valid)
+        return (weights * features).sum(dim=1) * valid.any(dim=1)
+
+
+@FUSERS.register("attfuse_mha")
+class MultiHeadAttFuse(EgoQueryAttention):
+    """Our learned variant of AttFuse: multi-head ego-query attention with Q/K/V/out projections and a
+    residual, once on the backbone's output (the published AttFusion is :class:`AttFusion`)."""
 
     def __init__(self, channels: int, heads: int = 1):
         super().__init__(channels, heads, type_aware=False)
 
 
-@FUSERS.register("v2xvit")
-class V2XViTFusion(EgoQueryAttention):
-    """V2X-ViT's heterogeneous (vehicle vs infrastructure) attention, without the multi-scale window."""
+@FUSERS.register("hmsa_lite")
+class HMSALite(EgoQueryAttention):
+    """A light heterogeneous attention: per-type Q/K/V and a learned scalar bias per (ego type, agent
+    type, head); no relation matrices, windows, FFN or norm (V2X-ViT itself: models/v2xvit.py)."""
 
     def __init__(self, channels: int, heads: int = 1):
         super().__init__(channels, heads, type_aware=True)

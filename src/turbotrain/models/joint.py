@@ -18,10 +18,10 @@ from turbotrain.data.sample import Batch
 from turbotrain.grid import Grid
 from turbotrain.models.presets import part_config
 from turbotrain.models.registry import BEV_BACKBONES, DETECTION_HEADS, ENCODERS, FUSERS, PREDICTION_HEADS, TEMPORAL
-from turbotrain.models.warp import warp_to_ego
+from turbotrain.models.warp import map_extent, warp_to_ego
 
 # Importing these modules registers their parts by name.
-from turbotrain.models import anchor_head, bev_backbone, detection_head, fusion, prediction_head, temporal  # noqa: F401
+from turbotrain.models import anchor_head, bev_backbone, detection_head, fusion, prediction_head, temporal, v2xvit  # noqa: F401
 
 FeatureHook = Callable[[torch.Tensor], torch.Tensor]
 PART_GROUPS = ("encoder", "bev_backbone", "fusion", "temporal", "detection_head", "prediction_head")
@@ -80,12 +80,31 @@ class CooperativePnP(nn.Module):
         return self.encoder.forward_features(features, batch.coords, len(batch.frame_sample))
 
     def forward_bev(self, batch: Batch, feature_hook: FeatureHook | None = None) -> dict[str, torch.Tensor]:
-        """``step_bev (B, T, C, H, W)``, ``step_valid (B, T)``, ``bev (B, C, H, W)``, ``frame_bev (F, C, H, W)``.
+        """``step_bev (B, T, C, H, W)``, ``step_valid (B, T)``, ``bev (B, C, H, W)``.
 
         ``feature_hook`` maps the encoder's voxel features ``(V, C) -> (V, C)`` (masked pretraining).
+        A per-scale fuser (``attfuse``) fuses every backbone stage's output before upsampling, the
+        next stage reading unfused features (OpenCOOD's AttBEVBackbone); other fusers fuse the
+        backbone's output once.
         """
-        frame_bev = self.bev_backbone(self.encoder_bev(batch, feature_hook))
-        warped, valid = warp_to_ego(frame_bev, batch.frame_pose_to_ego, self.grid)
+        encoded = self.encoder_bev(batch, feature_hook)
+        if getattr(self.fusion, "per_scale", False):
+            height, width = encoded.shape[-2:]
+            stride = self.bev_backbone.total_stride
+            extent = map_extent(self.grid, -(-height // stride) * stride, -(-width // stride) * stride)
+            fused_scales = [self._fuse(scale, batch, extent) for scale in self.bev_backbone.scales(encoded)]
+            fused = self.bev_backbone.merge([f for f, _ in fused_scales], height, width)
+            step_valid = fused_scales[0][1]
+        else:
+            fused, step_valid = self._fuse(self.bev_backbone(encoded), batch)
+        B, T = batch.batch_size, self.history
+        step_bev = fused.view(B, T, *fused.shape[1:])
+        return {"step_bev": step_bev, "step_valid": step_valid, "bev": self.temporal(step_bev, step_valid)}
+
+    def _fuse(self, frame_maps: torch.Tensor, batch: Batch, extent=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame maps ``(F, C, h, w)`` -> warped into the ego frame and fused per (sample, step):
+        ``(B*T, C, h, w)`` and ``step_valid (B, T)``."""
+        warped, valid = warp_to_ego(frame_maps, batch.frame_pose_to_ego, self.grid, extent)
         agents, agent_valid, agent_types = self._agent_slots(warped, valid, batch)
         B, T, A = batch.batch_size, self.history, agents.shape[0] // (batch.batch_size * self.history)
         fused = self.fusion(
@@ -93,9 +112,7 @@ class CooperativePnP(nn.Module):
             agent_valid.view(B * T, A, *agent_valid.shape[1:]),
             agent_types.view(B * T, A),
         )
-        step_bev = fused.view(B, T, *fused.shape[1:])
-        step_valid = agent_valid.view(B, T, -1).any(dim=-1)
-        return {"frame_bev": frame_bev, "step_bev": step_bev, "step_valid": step_valid, "bev": self.temporal(step_bev, step_valid)}
+        return fused, agent_valid.view(B, T, -1).any(dim=-1)
 
     def _agent_slots(self, warped: torch.Tensor, valid: torch.Tensor, batch: Batch):
         """Scatter frames into dense ``(B*T*A, ...)`` slots by (sample, step, agent); empty slots invalid."""

@@ -63,6 +63,12 @@ _NAMED_PRESETS: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
             "upsample_strides": [1, 2], "num_upsample_filters": [16, 16],
         },
         ("detection_head", "anchor"): COOPRE_ANCHORS,
+        ("fusion", "attfuse"): {},  # OpenCOOD's AttFusion has no size parameters
+        # V2X-ViT shrunk, with V2X-Real's windows 2/4/8 and 1 layer (models/v2xvit.py)
+        ("fusion", "v2xvit"): {
+            "heads": 2, "dim_head": 16, "window_sizes": [2, 4, 8], "window_heads": [4, 2, 1],
+            "window_dim_heads": [8, 16, 32], "layers": 1, "mlp_dim": 64, "dropout": 0.0,
+        },
     },
     "paper": {
         ("bev_backbone", "second_bev"): {
@@ -70,6 +76,12 @@ _NAMED_PRESETS: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
             "upsample_strides": [1, 2], "num_upsample_filters": [256, 256],
         },
         ("detection_head", "anchor"): COOPRE_ANCHORS,
+        ("fusion", "attfuse"): {},
+        # OpenCOOD's hypes_yaml/point_pillar_v2xvit.yaml transformer (models/v2xvit.py)
+        ("fusion", "v2xvit"): {
+            "heads": 8, "dim_head": 32, "window_sizes": [4, 8, 16], "window_heads": [16, 8, 4],
+            "window_dim_heads": [16, 32, 64], "layers": 3, "mlp_dim": 256, "dropout": 0.3,
+        },
     },
 }
 

@@ -28,24 +28,37 @@ def planar_rigid(pose_to_ego: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return rotation, pose_to_ego[:, :2, 3]
 
 
-def ego_to_agent_theta(pose_to_ego: torch.Tensor, grid: Grid) -> torch.Tensor:
+def map_extent(grid: Grid, height: int | None = None, width: int | None = None) -> tuple[float, float, float, float]:
+    """``(x_min, y_min, x_max, y_max)`` of a BEV map of ``height x width`` cells of ``grid.bev_cell``
+    starting at the grid's corner: the grid's range, or beyond it for a map zero-padded bottom/right
+    (a backbone scale of a map whose size its total stride does not divide)."""
+    r = grid.point_cloud_range
+    if height is None and width is None:
+        return (r[0], r[1], r[3], r[4])
+    cell_x, cell_y = grid.bev_cell
+    return (r[0], r[1], r[0] + cell_x * width, r[1] + cell_y * height)
+
+
+def ego_to_agent_theta(pose_to_ego: torch.Tensor, grid: Grid, extent: tuple[float, float, float, float] | None = None) -> torch.Tensor:
     """(N, 2, 3) ``affine_grid`` matrices mapping ego-map normalised coords to agent-map ones.
 
     With ``x = S u + c`` (S = half extent, c = range centre) and ``p_agent = R^T (p_ego - t)``:
     ``u_agent = S^-1 R^T S u_ego + S^-1 (R^T (c - t) - c)``.
     """
     rotation, translation = planar_rigid(pose_to_ego.to(torch.float64))
-    r = grid.point_cloud_range
-    half = torch.tensor([(r[3] - r[0]) / 2, (r[4] - r[1]) / 2], dtype=torch.float64, device=pose_to_ego.device)
-    centre = torch.tensor([(r[3] + r[0]) / 2, (r[4] + r[1]) / 2], dtype=torch.float64, device=pose_to_ego.device)
+    x_min, y_min, x_max, y_max = extent or map_extent(grid)
+    half = torch.tensor([(x_max - x_min) / 2, (y_max - y_min) / 2], dtype=torch.float64, device=pose_to_ego.device)
+    centre = torch.tensor([(x_max + x_min) / 2, (y_max + y_min) / 2], dtype=torch.float64, device=pose_to_ego.device)
     rot_t = rotation.transpose(1, 2)
     linear = rot_t * half[None, None, :] / half[None, :, None]
     offset = (torch.einsum("nij,nj->ni", rot_t, centre[None] - translation) - centre) / half
     return torch.cat([linear, offset[:, :, None]], dim=2)
 
 
-def warp_to_ego(features: torch.Tensor, pose_to_ego: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp ``features (N, C, H, W)`` (agent frames) into the ego frame.
+def warp_to_ego(features: torch.Tensor, pose_to_ego: torch.Tensor, grid: Grid,
+                extent: tuple[float, float, float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp ``features (N, C, H, W)`` (agent frames, covering ``extent``, default the grid's range,
+    at any resolution) into the ego frame.
 
     Returns the warped maps and a ``(N, 1, H, W)`` bool mask of ego cells whose source lies inside
     the agent's map; outside cells are zero.
@@ -53,7 +66,7 @@ def warp_to_ego(features: torch.Tensor, pose_to_ego: torch.Tensor, grid: Grid) -
     # Half-precision sampling coordinates would misplace cells by a large fraction of a cell on
     # wide maps, so sample in at least float32 and cast the result back.
     work_dtype = torch.promote_types(features.dtype, torch.float32)
-    theta = ego_to_agent_theta(pose_to_ego, grid).to(work_dtype)
+    theta = ego_to_agent_theta(pose_to_ego, grid, extent).to(work_dtype)
     sample_grid = F.affine_grid(theta, list(features.shape), align_corners=False)
     warped = F.grid_sample(features.to(work_dtype), sample_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     valid = (sample_grid.abs() <= 1.0).all(dim=-1)[:, None]

@@ -156,9 +156,20 @@ def _with_budget(frame: pd.DataFrame, rows: Sequence[str]) -> list[str]:
     return [*rows, "budget"] if "budget" in frame.columns and "budget" not in rows else list(rows)
 
 
-def _build_and_write(frame, rows, metrics, csv_path) -> pd.DataFrame:
+def model_caption(model_cfg: dict, fusions: Sequence[str]) -> str:
+    """Which model parts a table's runs used: the caption that makes its numbers comparable or not."""
+    from turbotrain.contract import FUSION_IMPLEMENTATIONS
+
+    parts = ", ".join(f"{part.replace('_', ' ')} `{model_cfg[part]['name']}`"
+                      for part in ("encoder", "bev_backbone", "temporal", "detection_head", "prediction_head"))
+    used = "; ".join(f"`{f}` = {FUSION_IMPLEMENTATIONS[f]}" for f in fusions)
+    return (f" Model ({model_cfg['size']}): {parts}; cooperators aligned by `{model_cfg['cooperator_alignment']}`."
+            f" Fusion: {used} (docs/faithfulness.md).")
+
+
+def _build_and_write(frame, rows, metrics, csv_path, caption: str = "") -> pd.DataFrame:
     table = build_table(frame, _with_budget(frame, rows), _present(frame, metrics))
-    write_table(table, csv_path, _sort_note(frame))
+    write_table(table, csv_path, _sort_note(frame) + caption)
     return table
 
 
@@ -174,45 +185,46 @@ def per_class_prediction_columns(frame: pd.DataFrame) -> list[str]:
 
 def main_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
                rows: Sequence[str] = ("dataset", "fusion", "variant"),
-               metrics: Sequence[str] | None = None) -> pd.DataFrame:
+               metrics: Sequence[str] | None = None, caption: str = "") -> pd.DataFrame:
     """Variants compared on AP per class and IoU, mAP, prediction metrics per class and their class
     means, and training cost."""
     if metrics is None:
         metrics = [*per_class_ap_columns(frame), *per_class_prediction_columns(frame), *MAIN_METRICS]
-    return _build_and_write(_select(frame, experiment), list(rows), metrics, csv_path)
+    return _build_and_write(_select(frame, experiment), list(rows), metrics, csv_path, caption)
 
 
 def ablation_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
-                   metrics: Sequence[str] = ABLATION_METRICS) -> pd.DataFrame:
+                   metrics: Sequence[str] = ABLATION_METRICS, caption: str = "") -> pd.DataFrame:
     """Pretrain x balancer rows plus the mask-ratio sweep rows (``mask_ratio`` "–" where not masked);
     a label-fraction column where the runs were trained on more than one."""
     frame = _select(frame, experiment)
     rows = ["pretrain", "balancer", "mask_ratio"]
     if "label_fraction" in frame.columns and frame["label_fraction"].nunique() > 1:
         rows.append("label_fraction")
-    return _build_and_write(frame, rows, metrics, csv_path)
+    return _build_and_write(frame, rows, metrics, csv_path, caption)
 
 
 def transfer_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
-                   metrics: Sequence[str] = ABLATION_METRICS) -> pd.DataFrame:
+                   metrics: Sequence[str] = ABLATION_METRICS, caption: str = "") -> pd.DataFrame:
     """Pretraining objective x pretraining data (A, B, A+B, ...) for runs fine-tuned on one dataset."""
     frame = _select(frame, experiment)
     tuned_on = "/".join(sorted(frame["dataset"].unique()))
     table = build_table(frame, _with_budget(frame, ["pretrain_type", "pretrain_data"]), _present(frame, metrics))
-    write_table(table, csv_path, f"Fine-tuned and evaluated on {tuned_on}. " + _sort_note(frame))
+    write_table(table, csv_path, f"Fine-tuned and evaluated on {tuned_on}. " + _sort_note(frame) + caption)
     return table
 
 
 def data_efficiency_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
-                          metrics: Sequence[str] = DATA_EFFICIENCY_METRICS) -> pd.DataFrame:
+                          metrics: Sequence[str] = DATA_EFFICIENCY_METRICS, caption: str = "") -> pd.DataFrame:
     """Label fraction x pretraining type; writes CSV + Markdown."""
-    return _build_and_write(_select(frame, experiment), ["pretrain", "label_fraction"], metrics, csv_path)
+    return _build_and_write(_select(frame, experiment), ["pretrain", "label_fraction"], metrics, csv_path, caption)
 
 
 def efficiency_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experiment: str | None = None,
                      rows: Sequence[str] = ("variant",), target_ap50: float | None = None,
                      target_epa: float | None = None,
-                     benchmarks: Mapping[str, Sequence[str | os.PathLike]] | None = None) -> pd.DataFrame:
+                     benchmarks: Mapping[str, Sequence[str | os.PathLike]] | None = None,
+                     caption: str = "") -> pd.DataFrame:
     """Training cost and time-to-target per variant; writes CSV + Markdown.
 
     ``time_to_ap50_s`` / ``time_to_epa_s`` is the first curve point's ``wall_s`` at which the run
@@ -232,7 +244,7 @@ def efficiency_table(frame: pd.DataFrame, csv_path: str | os.PathLike, experimen
         totals = [benchmark_totals(benchmarks.get(run_id, ())) for run_id in frame["run_id"]]
         frame = frame.join(pd.DataFrame(totals, index=frame.index))
     table = build_table(frame, _with_budget(frame, rows), _present(frame, [*EFFICIENCY_METRICS, *BENCHMARK_METRICS]))
-    write_table(table, csv_path, _sort_note(frame) + " " + _target_note(targets))
+    write_table(table, csv_path, _sort_note(frame) + " " + _target_note(targets) + caption)
     return table
 
 

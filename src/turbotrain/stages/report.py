@@ -32,16 +32,20 @@ def _benchmarks(frame: pd.DataFrame) -> dict[str, list[str]]:
 def _efficiency(config: dict, frame: pd.DataFrame, out_csv: str) -> pd.DataFrame:
     ev = config["evaluation"]
     return tables.efficiency_table(frame, out_csv, rows=("fusion", "variant"), target_ap50=ev["target_ap50"],
-                                   target_epa=ev["target_epa"], benchmarks=_benchmarks(frame))
+                                   target_epa=ev["target_epa"], benchmarks=_benchmarks(frame), caption=_caption(config, frame))
+
+
+def _caption(config: dict, frame: pd.DataFrame) -> str:
+    return tables.model_caption(config["model"], sorted(frame["fusion"].unique()))
 
 
 # One builder per name of contract.TABLES (tests/test_contract.py checks they agree).
 TABLE_BUILDERS = {
-    "main": lambda config, frame, out: tables.main_table(frame, out),
-    "ablation": lambda config, frame, out: tables.ablation_table(frame, out),
+    "main": lambda config, frame, out: tables.main_table(frame, out, caption=_caption(config, frame)),
+    "ablation": lambda config, frame, out: tables.ablation_table(frame, out, caption=_caption(config, frame)),
     "efficiency": _efficiency,
-    "data_efficiency": lambda config, frame, out: tables.data_efficiency_table(frame, out),
-    "transfer": lambda config, frame, out: tables.transfer_table(frame, out),
+    "data_efficiency": lambda config, frame, out: tables.data_efficiency_table(frame, out, caption=_caption(config, frame)),
+    "transfer": lambda config, frame, out: tables.transfer_table(frame, out, caption=_caption(config, frame)),
     "claims": lambda config, frame, out: claims.claims_table(frame, out),
 }
 
