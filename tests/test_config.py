@@ -71,7 +71,7 @@ def test_paper_grid_trains_in_epochs_not_the_cpu_step_budget():
     cfg = merged("config/paper.yaml")
     assert cfg["pretrain"]["train"]["max_steps"] is None and cfg["finetune"]["joint"]["max_steps"] is None
     pre = train_config(cfg["pretrain"]["train"], 4000, 0, "cpu")
-    assert pre.max_steps == 15 * 4000 // 4
+    assert pre.max_steps == 15 * 4000 // 1 and pre.warmup_steps == 10 * 4000  # CooPre: batch 1, warm-up 10 epochs
     joint = recipe_stages(cfg, Run("v2xpnp", "attfuse", "spatiotemporal", "joint", "turbotrain", 1.0, 0))[0]
     assert joint.max_steps is None
     steps = train_config({**cfg["train"], "max_steps": joint.max_steps}, 8000, 0, "cpu", epochs=joint.epochs).max_steps

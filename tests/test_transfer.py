@@ -21,7 +21,7 @@ SPATIOTEMPORAL_GROUPS = ("encoder", "bev_backbone", "fusion", "temporal")
 def build_model(seed: int, history: int = FINETUNE_HISTORY) -> CooperativePnP:
     seed_everything(seed)
     cfg = {"size": "tiny", "encoder": {"name": "second"}, "bev_backbone": {"name": "resnet_fpn"},
-           "fusion": {"name": "attfuse"}, "temporal": {"name": "attention"},
+           "fusion": {"name": "attfuse_mha"}, "temporal": {"name": "attention"},
            "detection_head": {"name": "center"}, "prediction_head": {"name": "multimodal"}}
     return CooperativePnP(cfg, GRID, CLASSES, history, future=4)
 

@@ -37,14 +37,15 @@ def build_model(config: dict, fusion: str, history: int | None = None):
 
 
 def fused_dataset(config: dict, cache_root: str, split: str, fusion_mode: str, label_fraction: float = 1.0,
-                  history: int | None = None) -> FusedDataset:
+                  history: int | None = None, **augmentation) -> FusedDataset:
     """``intermediate`` reads as ``model.cooperator_alignment`` says: each agent in its own frame, its
     features warped by the model (``warp_features``), or its points moved into the ego frame before
-    voxelising (``points_first``, OpenCOOD's ``proj_first``)."""
+    voxelising (``points_first``, OpenCOOD's ``proj_first``). ``augmentation``: FusedDataset's
+    ``augmentation`` / ``augmentation_seed`` (pretraining only)."""
     if fusion_mode == "intermediate" and config["model"]["cooperator_alignment"] == "points_first":
         fusion_mode = "points_first"
     return FusedDataset(cache_root, split, fusion_mode=fusion_mode, label_fraction=label_fraction,
-                        history=history, grid=grid_of(config), voxel_backend="auto")
+                        history=history, grid=grid_of(config), voxel_backend="auto", **augmentation)
 
 
 def evaluation_dataset(config: dict, cache_root: str, fusion: str, split: str | None = None) -> FusedDataset:
@@ -61,6 +62,13 @@ def cache_fingerprint(cache_root: str, split: str = "train") -> str:
     return load_manifest(Path(cache_root) / split)["config_hash"]
 
 
+def _warmup_steps(section: dict, steps_per_epoch: int) -> int:
+    """``warmup_epochs`` (when set) in optimizer steps, else ``warmup_steps``."""
+    if section["warmup_epochs"] is None:
+        return section["warmup_steps"]
+    return math.ceil(section["warmup_epochs"] * steps_per_epoch)
+
+
 def train_config(section: dict, dataset_size: int, seed: int, device: str, epochs: float | None = None,
                  **extra) -> TrainConfig:
     """Engine settings from a validated ``train`` section; fractional epochs become a step count."""
@@ -74,7 +82,10 @@ def train_config(section: dict, dataset_size: int, seed: int, device: str, epoch
         lr=section["lr"],
         min_lr=section["lr"] * section["min_lr_ratio"],
         weight_decay=section["weight_decay"],
-        warmup_steps=min(section["warmup_steps"], max_steps),
+        optimizer=section["optimizer"],
+        eps=section["eps"],
+        warmup_steps=min(_warmup_steps(section, steps_per_epoch), max_steps),
+        warmup_start_ratio=section["warmup_start_ratio"],
         grad_clip=section["grad_clip"],
         amp={"off": "none"}.get(section["amp"], section["amp"]),
         seed=seed,

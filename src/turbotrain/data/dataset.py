@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from turbotrain.data.augment import GlobalAugmentation, conjugate_pose
 from turbotrain.data.cache.format import MANIFEST_NAME, MappedNpz, fraction_key, load_manifest, verify_cache_files
 from turbotrain.data.records import INFRASTRUCTURE, VEHICLE
 from turbotrain.data.sample import AgentFrame, Sample, collate
@@ -60,9 +61,13 @@ class FusedDataset(Dataset):
         voxel_backend: str = "auto",
         verify_checksums: bool = False,
         expected_config_hash: str | None = None,
+        augmentation: GlobalAugmentation | None = None,
+        augmentation_seed: int = 0,
     ):
         """``history``: use the most recent steps of the cached ones; ``grid`` / ``max_*``: early fusion's
-        re-voxelisation (default: the cache's grid and points per voxel, and room for every agent's voxels)."""
+        re-voxelisation (default: the cache's grid and points per voxel, and room for every agent's voxels).
+        ``augmentation``: a global augmentation of the LiDAR drawn per (``augmentation_seed``, epoch,
+        sample); the dataset is then indexed by ``epoch * len(dataset) + i`` (:attr:`epoch_keyed`)."""
         if fusion_mode not in FUSION_MODES:
             raise ConfigError(f"fusion_mode must be one of {', '.join(FUSION_MODES)}, got {fusion_mode!r}")
         self.split_dir = Path(cache_dir) / split
@@ -86,6 +91,7 @@ class FusedDataset(Dataset):
         )
         # points_first: one agent's cloud in the ego frame, under the cache's per-agent caps
         self.agent_voxelizer = Voxelizer(self.grid, self.max_points_per_voxel, int(cfg["max_voxels"]), voxel_backend)
+        self.augmentation, self.augmentation_seed = augmentation, int(augmentation_seed)
         self._rows = self._select_rows(label_fraction)
         self._shards: dict[int, dict[str, np.ndarray]] = {}
         self._stores: dict[str, MappedNpz] = {}
@@ -93,12 +99,22 @@ class FusedDataset(Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def epoch_keyed(self) -> bool:
+        """Whether indices carry the epoch (``epoch * len + i``): the engine's sampler then passes it."""
+        return self.augmentation is not None and self.fusion_mode != "tracks"
+
     def __getitem__(self, i: int) -> Sample:
+        epoch = 0
+        if self.epoch_keyed and i >= len(self):
+            epoch, i = divmod(i, len(self))
         shard, row = self._locate(i)
         if self.fusion_mode == "tracks":
             return self._sample(shard, row, [])
         refs = self._frame_refs(shard, row)
         ego_id = int(shard["ego_ids"][row])
+        if self.epoch_keyed:
+            return self._sample(shard, row, self._augmented_frames(shard, row, refs, ego_id, epoch, i))
         if self.fusion_mode == "none":
             frames = [self._agent_frame(shard, row, ref) for ref in refs if ref.agent_id == ego_id]
         elif self.fusion_mode == "intermediate":
@@ -167,15 +183,41 @@ class FusedDataset(Dataset):
         return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=ref.pose_to_ego.copy(),
                           agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
 
+    def _augmented_frames(self, shard: dict, row: int, refs: list[_FrameRef], ego_id: int, epoch: int,
+                          i: int) -> list[AgentFrame]:
+        """The mode's frames with the sample's global augmentation ``A`` applied before voxelising:
+        early / points-first clouds (ego frame) get ``A``; own-frame agents get ``A`` on their points
+        and ``A P A^-1`` as their pose (data/augment.py)."""
+        A = self.augmentation.draw(self.augmentation_seed, epoch, i)
+        if self.fusion_mode == "early":
+            return [self._early_frame(shard, row, refs, step, ego_id, A) for step in range(self.history)]
+        if self.fusion_mode == "none":
+            refs = [ref for ref in refs if ref.agent_id == ego_id]
+        frames = []
+        for ref in refs:
+            if self.fusion_mode == "points_first":
+                moved, pose = A @ ref.pose_to_ego, np.eye(4)
+            else:
+                moved, pose = A, conjugate_pose(A, ref.pose_to_ego)
+            points = transform_points(self._stored_points(str(shard["scenarios"][row]), ref.slot), moved)
+            frames.append(self._voxelised_frame(points, pose, ref))
+        return frames
+
+    def _voxelised_frame(self, points: np.ndarray, pose_to_ego: np.ndarray, ref: _FrameRef) -> AgentFrame:
+        voxels, coords, num_points = self.agent_voxelizer(points)
+        return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=pose_to_ego,
+                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
+
     def _projected_frame(self, shard: dict, row: int, ref: _FrameRef) -> AgentFrame:
         """The agent's cached points moved into the ego frame at t, voxelised there (identity pose)."""
         points = transform_points(self._stored_points(str(shard["scenarios"][row]), ref.slot), ref.pose_to_ego)
-        voxels, coords, num_points = self.agent_voxelizer(points)
-        return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=np.eye(4),
-                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
+        return self._voxelised_frame(points, np.eye(4), ref)
 
-    def _early_frame(self, shard: dict, row: int, refs: list[_FrameRef], step: int, ego_id: int) -> AgentFrame:
+    def _early_frame(self, shard: dict, row: int, refs: list[_FrameRef], step: int, ego_id: int,
+                     augmentation: np.ndarray | None = None) -> AgentFrame:
         points = self._fused_points(shard, row, refs, step)[:, :4]
+        if augmentation is not None:
+            points = transform_points(points, augmentation)
         voxels, coords, num_points = self.early_voxelizer(points)
         return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=np.eye(4),
                           agent_id=ego_id, agent_type=_agent_type(ego_id), step=step)
@@ -257,9 +299,17 @@ class UnionDataset(Dataset):
     def __len__(self) -> int:
         return self.cumulative_sizes[-1]
 
+    @property
+    def epoch_keyed(self) -> bool:
+        return any(getattr(d, "epoch_keyed", False) for d in self.datasets)
+
     def __getitem__(self, i: int) -> Sample:
+        epoch = 0
+        if self.epoch_keyed and i >= len(self):
+            epoch, i = divmod(i, len(self))
         member, j = self.locate(i)
-        return self.datasets[member][j]
+        dataset = self.datasets[member]
+        return dataset[epoch * len(dataset) + j if getattr(dataset, "epoch_keyed", False) else j]
 
     def locate(self, i: int) -> tuple[int, int]:
         """(member index, index within that member) of union index ``i`` (negative indices allowed)."""

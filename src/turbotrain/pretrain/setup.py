@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from turbotrain.build import build_model, fused_dataset, grid_of
+from turbotrain.data.augment import GlobalAugmentation
 from turbotrain.data.dataset import FusedDataset, UnionDataset
 from turbotrain.data.sample import collate
 from turbotrain.contract import FUSION_MODES, LIDAR_TYPES, TRAJECTORY_TYPES
@@ -72,7 +73,10 @@ def variant_of(config: dict, variant_name: str) -> dict:
 def pretraining_data(config: dict, cache_roots: list[str], sources: list[str], split: str, fusion_mode: str,
                      history: int) -> FusedDataset | UnionDataset:
     """One dataset's cache, or the union of several (each fused with its own class map)."""
-    members = [fused_dataset(config, root, split, fusion_mode, history=history) for root in cache_roots]
+    # CooPre augments the fused cloud (pretrain.augmentation; tracks are not augmented)
+    augmentation = GlobalAugmentation.from_config(config["pretrain"]["augmentation"]) if split == "train" else None
+    members = [fused_dataset(config, root, split, fusion_mode, history=history, augmentation=augmentation,
+                             augmentation_seed=config["seed"]) for root in cache_roots]
     return members[0] if len(members) == 1 else UnionDataset(members, sources)
 
 

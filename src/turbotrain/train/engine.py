@@ -84,7 +84,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    optimizer: str = "adamw"  # "adamw" (decoupled weight decay) | "adam" (L2 weight decay, CooPre)
     warmup_steps: int = 0
+    warmup_start_ratio: float | None = None  # first warm-up rate / lr; None: 1 / warmup_steps
     grad_clip: float | None = None  # max global L2 norm; None or 0 disables clipping
     amp: str = "none"  # "none" | "bf16" | "fp16"; CUDA only, ignored on CPU
     seed: int = 0
@@ -118,6 +120,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.min_lr must lie in [0, lr={self.lr}], got {self.min_lr!r}")
         if self.warmup_steps < 0 or self.num_workers < 0 or self.weight_decay < 0:
             raise ConfigError("TrainConfig.warmup_steps, num_workers and weight_decay must be >= 0")
+        if self.optimizer not in ("adamw", "adam"):
+            raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"TrainConfig.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.grad_clip is not None and self.grad_clip < 0:
@@ -164,10 +168,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
     """This rank's share of each micro-batch of one epoch, starting at optimizer step ``start_step``."""
 
     def __init__(self, num_samples: int, batch_size: int, accum_steps: int, ctx: DistContext,
-                 seed: int, epoch: int, start_step: int = 0):
+                 seed: int, epoch: int, start_step: int = 0, epoch_keyed: bool = False):
         self.num_samples, self.batch_size, self.accum_steps = num_samples, batch_size, accum_steps
         self.rank, self.local_size = ctx.rank, batch_size // ctx.world_size
         self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        # an epoch-keyed dataset (per-epoch augmentation draws) reads index epoch * N + i
+        self.key_offset = epoch * num_samples if epoch_keyed else 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -181,7 +187,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         first = self.start_step * self.accum_steps
         for micro in range(first, self.steps_per_epoch * self.accum_steps):
             start = micro * self.batch_size + self.rank * self.local_size
-            yield order[start:start + self.local_size].tolist()
+            yield (order[start:start + self.local_size] + self.key_offset).tolist()
 
 
 def _grouped(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -223,9 +229,10 @@ def freeze_by_prefix(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
 
 
 def build_optimizer(model: nn.Module, extra_params: Sequence[nn.Parameter],
-                    cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases, norm scales and balancer weights get no decay
-    (decaying them towards 0 shifts activations / task weights rather than regularising)."""
+                    cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or Adam with L2 weight decay, ``cfg.optimizer``) over trainable parameters; biases, norm
+    scales and balancer weights get no decay (decaying them towards 0 shifts activations / task
+    weights rather than regularising)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2] + [p for p in extra_params if p.requires_grad]
@@ -234,7 +241,8 @@ def build_optimizer(model: nn.Module, extra_params: Sequence[nn.Parameter],
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("no trainable parameters left (check freeze_prefixes)")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def needs_losses_after(balancer: Any) -> bool:
@@ -333,7 +341,7 @@ class Trainer:
         self.steps_per_epoch = len(dataset) // (cfg.batch_size * cfg.grad_accum_steps)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.scheduler = build_warmup_cosine(self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps,
-                                             self.total_steps)
+                                             self.total_steps, cfg.warmup_start_ratio)
         # Mixed precision is a CUDA feature here; on CPU the setting is ignored (see TrainConfig.amp).
         self.amp_dtype = AMP_DTYPES.get(cfg.amp) if ctx.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
@@ -550,7 +558,8 @@ class Trainer:
     def _loader(self) -> DataLoader:
         p = self.progress
         sampler = GlobalBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.grad_accum_steps,
-                                     self.ctx, self.cfg.seed, p.epoch, p.step_in_epoch)
+                                     self.ctx, self.cfg.seed, p.epoch, p.step_in_epoch,
+                                     epoch_keyed=getattr(self.dataset, "epoch_keyed", False))
         # An explicit generator keeps DataLoader from drawing worker seeds from the global torch RNG.
         generator = torch.Generator().manual_seed(mixed_seed(self.cfg.seed, p.epoch, WORKER_SEED_STREAM))
         return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
