@@ -157,3 +157,20 @@ def test_the_trajectory_figure_reads_only_pretraining_logs_the_grid_writes(confi
     assert logs and set(logs.values()) <= written
     assert len(logs) == len({(f, p, b) for f, p, b in C.pretraining_jobs(config)
                              if C.variant_type(config, p) in C.TRAJECTORY_TYPES})
+
+
+def test_a_budget_that_repeats_another_budgets_steps_reuses_its_training(config):
+    """Multistage is the proportional budget's reference recipe, so both budgets give it the same 60
+    steps: one training, evaluated under both names. Joint runs get other steps and train twice."""
+    multistage = [r for r in C.expand_runs(config) if r.recipe == "multistage" and r.fusion == "attfuse"]
+    proportional = next(r for r in multistage if r.budget == "proportional")
+    twin = C.training_run(config, proportional)
+    assert twin == C.Run(**{**proportional.as_dict(), "budget": "matched"})
+    assert twin.path("checkpoint") != proportional.path("checkpoint") and twin.metrics_path != proportional.metrics_path
+    assert C.training_run(config, twin) == twin
+    joint = next(r for r in C.expand_runs(config) if r.recipe == "joint" and r.budget == "proportional")
+    assert C.training_run(config, joint) == joint
+    # the two budgets' allocations are what decides, not the recipe's name
+    changed = copy.deepcopy(config)
+    changed["experiments"]["budgets"]["proportional"]["total_steps"] = 90
+    assert C.training_run(changed, proportional) == proportional

@@ -70,3 +70,35 @@ def test_multistage_freezes_exactly_what_each_stage_says(tiny_cache, tmp_path):
     for group in ("encoder", "bev_backbone", "detection_head", "prediction_head"):
         assert changed(second[group], third[group]), group
     assert (tmp_path / "final.pt").exists() and (tmp_path / "summary.json").exists()
+
+
+def test_the_final_weights_are_the_curves_last_point_recalibrated_once(tmp_path, monkeypatch):
+    """final.pt takes the BatchNorm statistics the curve's last point recomputed for the same weights
+    and data, instead of recomputing them: the same tensors as a fresh recalibration, one pass fewer."""
+    import turbotrain.stages.finetune as stage
+    import turbotrain.train.curve as curve
+    from turbotrain.build import FUSION_MODES, build_model, fused_dataset
+    from turbotrain.train.checkpoint import load_checkpoint
+
+    config = load_config("config/smoke.yaml", ["evaluation.curve_samples=2", "train.batch_size=2",
+                                               "train.checkpoint_every=2", "finetune.joint.max_steps=4"])
+    generate_dataset(tmp_path / "raw", preset="smoke", seed=0, progress=False,
+                     overrides={"splits": {"train": 1, "val": 1, "test": 0}, "frames": 10})
+    for split in ("train", "val"):
+        fuse(config, tmp_path / "raw", split, tmp_path / "cache")
+    calls = []
+    real = curve.recalibrate_batchnorm
+    monkeypatch.setattr(curve, "recalibrate_batchnorm", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    monkeypatch.setattr(stage, "recalibrate_batchnorm", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    run = Run("synthetic_smoke", "attfuse", "none", "joint", "sum", 1.0, 0)
+    out = tmp_path / "run"
+    finetune(config, run, str(tmp_path / "cache"), None, str(out))
+    assert len(calls) == 2  # the curve's points at steps 2 and 4; none more for final.pt
+
+    model = build_model(config, "attfuse")
+    model.load_state_dict(load_checkpoint(out / "stages" / "1-joint" / "final.pt")["model"])
+    real(model, fused_dataset(config, str(tmp_path / "cache"), "train", FUSION_MODES["attfuse"][0], 1.0), run.seed)
+    final = load_checkpoint(out / "final.pt")["model"]
+    assert any("running_mean" in k for k in final)
+    for key, value in model.state_dict().items():
+        assert torch.equal(final[key], value), key

@@ -12,7 +12,6 @@ from turbotrain.data.cache.format import load_manifest
 from turbotrain.data.dataset import FusedDataset
 from turbotrain.contract import FUSION_MODES
 from turbotrain.grid import Grid
-from turbotrain.train.engine import TrainConfig
 
 
 def grid_of(config: dict) -> Grid:
@@ -70,8 +69,11 @@ def _warmup_steps(section: dict, steps_per_epoch: int) -> int:
 
 
 def train_config(section: dict, dataset_size: int, seed: int, device: str, epochs: float | None = None,
-                 **extra) -> TrainConfig:
+                 **extra) -> "TrainConfig":
     """Engine settings from a validated ``train`` section; fractional epochs become a step count."""
+    # imported here: the engine pulls in every balancer (torchjd, cvxpy), which evaluation never needs
+    from turbotrain.train.engine import TrainConfig
+
     epochs = section["epochs"] if epochs is None else epochs
     steps_per_epoch = max(dataset_size // (section["batch_size"] * section["grad_accum_steps"]), 1)
     max_steps = section["max_steps"] or max(math.ceil(epochs * steps_per_epoch), 1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from turbotrain import budgets
@@ -236,6 +236,26 @@ def expand_runs(config: dict, table: str | None = None) -> list[Run]:
     return sorted(runs)
 
 
+def training_run(config: dict, run: Run) -> Run:
+    """The run whose training ``run`` is: itself, or an earlier budget's run of the same steps.
+
+    Two budgets can give a recipe exactly the same optimizer steps per phase (multistage is the
+    proportional budget's reference recipe, so it gets the total under both). Their runs would be
+    one computation done twice (same seed, data and steps give the same weights), so the first such
+    budget in ``experiments.budgets`` trains it, and the other run evaluates that checkpoint under
+    its own name: its metrics record its own budget and the shared training's time.
+    """
+    if run.budget == SCHEDULE:
+        return run
+    steps = budgets.allocate(config, run.pretrain, run.recipe, run.budget)
+    for name in config["experiments"]["budgets"]:
+        if name == run.budget:
+            break
+        if budgets.allocate(config, run.pretrain, run.recipe, name) == steps:
+            return replace(run, budget=name)
+    return run
+
+
 def grid_tables(config: dict) -> list[str]:
     """The tables some group of the grid feeds, in ``TABLES`` order."""
     named = {t for group in config["experiments"]["groups"] for t in group["tables"]}
@@ -245,8 +265,8 @@ def grid_tables(config: dict) -> list[str]:
 def pretraining_jobs(config: dict) -> list[tuple[str, str, str]]:
     """``(trained fusion, variant, budget)`` of every pretraining the grid needs."""
     variants = config["pretrain"]["variants"]
-    return sorted({(r.trained_fusion, r.pretrain, r.budget) for r in expand_runs(config)
-                   if variants[r.pretrain]["type"] != "none"})
+    trained = (training_run(config, r) for r in expand_runs(config))
+    return sorted({(r.trained_fusion, r.pretrain, r.budget) for r in trained if variants[r.pretrain]["type"] != "none"})
 
 
 def variant_type(config: dict, pretrain: str) -> str:

@@ -66,6 +66,11 @@ def run_of(w):
     return C.Run.from_fields(DATASET, w.fusion, w.pretrain, w.recipe, w.balancer, w.fraction, w.seed, w.budget)
 
 
+def trained_path(w, product):
+    """A training product of the run that trained this run's model (`contract.training_run`)."""
+    return C.training_run(config, run_of(w)).path(product)
+
+
 def table_targets():
     return [C.template("table", table=t) for t in C.grid_tables(config)]
 

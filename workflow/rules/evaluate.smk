@@ -1,15 +1,16 @@
-# Evaluation: one metrics JSON per run. Late fusion evaluates the no-fusion checkpoint per agent.
+# Evaluation: one metrics JSON per run. Late fusion evaluates the no-fusion checkpoint per agent; a
+# run whose budget repeats an earlier budget's steps evaluates that run's checkpoint (trained_path).
 
 
 rule evaluate:
     conda:
         "../../environment.yml"
     input:
-        checkpoint=lambda w: run_of(w).path("checkpoint"),
-        summary=lambda w: run_of(w).path("summary"),
+        checkpoint=lambda w: trained_path(w, "checkpoint"),
+        summary=lambda w: trained_path(w, "summary"),
         test=cache_split(config["evaluation"]["split"]),
         stamp=lambda w: rebuild_stamp(run_of(w).metrics_path,
-                                      [run_of(w).path("checkpoint"), run_of(w).path("summary")]),
+                                      [trained_path(w, "checkpoint"), trained_path(w, "summary")]),
     output:
         path("metrics"),
     params:

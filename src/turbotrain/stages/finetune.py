@@ -67,19 +67,26 @@ def finetune(config: dict, run: Run, cache_root: str, pretrained: str | None, ou
                 "gpu_hours": hours if device.type == "cuda" else 0.0,
                 "cpu_hours": hours if device.type == "cpu" else 0.0, "curve": curve.points}
     if is_main_process():
-        _write_final(config, run, cache_root, model, previous_final, out)
+        # the curve's last point already recalibrated these weights on this data (not so after an ego stage)
+        scored = None if stages[-1].agents == "ego" else curve.recalibrated_weights(previous_final.parent,
+                                                                                    summaries[-1]["steps"])
+        _write_final(config, run, cache_root, model, previous_final, out, scored)
         write_json(out / "summary.json", {"run": run.as_dict(), "stages": [s.__dict__ for s in stages],
                                           "training": training})
     return training
 
 
-def _write_final(config: dict, run: Run, cache_root: str, model, last_stage_final: Path, out: Path) -> None:
-    """The last stage's checkpoint with BatchNorm statistics recomputed for the final weights."""
+def _write_final(config: dict, run: Run, cache_root: str, model, last_stage_final: Path, out: Path,
+                 recalibrated: dict | None = None) -> None:
+    """The last stage's checkpoint with BatchNorm statistics recomputed for the final weights (the
+    ``recalibrated`` weights when the training curve has already done so)."""
     payload = load_checkpoint(last_stage_final)
-    model.load_state_dict(payload["model"])
-    recalibrate_batchnorm(model, fused_dataset(config, cache_root, "train", FUSION_MODES[run.fusion][0], run.label_fraction),
-                          run.seed)
-    payload["model"] = model.state_dict()
+    if recalibrated is None:
+        model.load_state_dict(payload["model"])
+        data = fused_dataset(config, cache_root, "train", FUSION_MODES[run.fusion][0], run.label_fraction)
+        recalibrate_batchnorm(model, data, run.seed)
+        recalibrated = model.state_dict()
+    payload["model"] = recalibrated
     save_checkpoint(out / "final.pt", payload)
 
 

@@ -6,21 +6,24 @@ from pathlib import Path
 import pandas as pd
 
 from turbotrain.evaluate.metrics_file import metrics_frame
-from turbotrain.contract import TRAJECTORY_TYPES, Run, expand_runs, pretraining_sources, template
+from turbotrain.contract import TRAJECTORY_TYPES, Run, expand_runs, pretraining_sources, template, training_run
 from turbotrain.report import claims, figures, tables
 from turbotrain.utils.errors import ConfigError
 
 
-def _run_of(row: pd.Series) -> Run:
-    return Run.from_fields(row["dataset"], row["fusion"], row["pretrain"], row["recipe"], row["balancer"],
-                           row["label_fraction"], row["seed"], row["budget"])
+def _trained_run(config: dict, row: pd.Series) -> Run:
+    """The run of a metrics row as trained: its training products (logs, benchmarks, weights) may be an
+    earlier budget's of the same steps (``contract.training_run``)."""
+    run = Run.from_fields(row["dataset"], row["fusion"], row["pretrain"], row["recipe"], row["balancer"],
+                          row["label_fraction"], row["seed"], row["budget"])
+    return training_run(config, run)
 
 
-def _benchmarks(frame: pd.DataFrame) -> dict[str, list[str]]:
+def _benchmarks(config: dict, frame: pd.DataFrame) -> dict[str, list[str]]:
     """Snakemake benchmark TSVs of each run: its fine-tuning job and, if any, its pretraining job."""
     out = {}
     for _, row in frame.iterrows():
-        run = _run_of(row)
+        run = _trained_run(config, row)
         paths = [Path(run.path("finetune_benchmark"))]
         fields = {"dataset": run.dataset, "fusion": run.trained_fusion, "pretrain": run.pretrain, "budget": run.budget}
         if Path(template("pretrained", **fields)).exists():
@@ -32,7 +35,7 @@ def _benchmarks(frame: pd.DataFrame) -> dict[str, list[str]]:
 def _efficiency(config: dict, frame: pd.DataFrame, out_csv: str) -> pd.DataFrame:
     ev = config["evaluation"]
     return tables.efficiency_table(frame, out_csv, rows=("fusion", "variant"), target_ap50=ev["target_ap50"],
-                                   target_epa=ev["target_epa"], benchmarks=_benchmarks(frame), caption=_caption(config, frame))
+                                   target_epa=ev["target_epa"], benchmarks=_benchmarks(config, frame), caption=_caption(config, frame))
 
 
 def _caption(config: dict, frame: pd.DataFrame) -> str:
@@ -86,14 +89,14 @@ def _of_table(frame: pd.DataFrame, config: dict, table: str) -> pd.DataFrame:
 def _learning_curves(config, frame, out_png, cache_root):
     full = frame["label_fraction"] == 1.0
     runs = _select(frame, full & (frame["fusion"] == frame["fusion"].mode().iloc[0]), "learning_curves", "full-label runs")
-    figures.learning_curves({row["variant"]: _stage_logs(_run_of(row)) for _, row in runs.iterrows()}, out_png)
+    figures.learning_curves({row["variant"]: _stage_logs(_trained_run(config, row)) for _, row in runs.iterrows()}, out_png)
 
 
 def _gradient_conflict(config, frame, out_png, cache_root):
     full = frame["label_fraction"] == 1.0
     joint = _select(frame, full & (frame["recipe"] == "joint"), "gradient_conflict", "joint (balanced) runs")
     joint = joint[joint["pretrain"] == joint["pretrain"].mode().iloc[0]]
-    figures.gradient_conflict({row["balancer"]: _stage_logs(_run_of(row)) for _, row in joint.iterrows()}, out_png)
+    figures.gradient_conflict({row["balancer"]: _stage_logs(_trained_run(config, row)) for _, row in joint.iterrows()}, out_png)
 
 
 def _ap_vs_time(config, frame, out_png, cache_root):
@@ -126,7 +129,7 @@ def write_figure(config: dict, figure: str, metrics_paths: list[str], out_png: s
 def _trajectory_pretraining_logs(config: dict, frame: pd.DataFrame) -> dict[str, Path]:
     """``metrics.csv`` of every pretraining run of the grid with a trajectory objective, by variant."""
     variants = config["pretrain"]["variants"]
-    runs = {r for r in map(_run_of, (row for _, row in frame.iterrows()))
+    runs = {r for r in (_trained_run(config, row) for _, row in frame.iterrows())
             if variants[r.pretrain]["type"] in TRAJECTORY_TYPES}
     if not runs:
         raise ConfigError("figure trajectory_pretraining: the experiment grid has no trajectory pretraining")
@@ -152,7 +155,7 @@ def _qualitative(config: dict, frame: pd.DataFrame, out_png: str, cache_root: st
     from turbotrain.viz.bev import plot_sample_bev
 
     candidates = frame[frame["fusion"] != "late"]
-    best = _run_of(candidates.sort_values("map@0.5", ascending=False, na_position="last").iloc[0])
+    best = _trained_run(config, candidates.sort_values("map@0.5", ascending=False, na_position="last").iloc[0])
     model = build_model(config, best.fusion)
     model.load_state_dict(load_checkpoint(f"{best.train_dir}/final.pt")["model"])
     data = evaluation_dataset(config, cache_root, best.fusion)

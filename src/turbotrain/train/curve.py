@@ -20,6 +20,11 @@ from turbotrain.train.distributed import unwrap_model
 from turbotrain.utils.atomic import write_json
 
 
+# Precise BatchNorm's sample: 4 batches of 4 training samples, for every curve point and the final
+# weights alike, so that the curve's last point is the final model (and its recalibration is reused).
+PRECISE_BN_BATCHES = 4
+
+
 class TrainingCurve:
     """Scores a few validation samples at each checkpoint: AP@0.5 and EPA against training time.
 
@@ -38,6 +43,7 @@ class TrainingCurve:
         self.data = val_data
         self.points: list[dict] = []
         self.stage_dir, self.stage_first, self.offset, self.started, self.hook_s = None, 0, 0.0, time.time(), 0.0
+        self.recalibrated: tuple[Path, int, dict] | None = None  # (stage_dir, step, weights) of the last point
 
     def __call__(self, step: int, model) -> None:
         if not self.limit:
@@ -48,12 +54,20 @@ class TrainingCurve:
 
     def _score(self, step: int, model, wall_s: float) -> None:
         scored = copy.deepcopy(model)
-        recalibrate_batchnorm(scored, self.train_data, self.run.seed, batches=4)
+        recalibrate_batchnorm(scored, self.train_data, self.run.seed)
+        self.recalibrated = (self.stage_dir, int(step), scored.state_dict())
         predictor = Predictor(scored, self.config["evaluation"], self.device)
         det, pred = score_split(*collect(predictor, self.data, self.run.fusion, self.config["evaluation"], self.limit),
                           self.config)
         self.points.append({"step": int(step), "wall_s": wall_s, "ap50": det["map"].get("0.5"), "epa": pred["epa"]})
         write_json(self.stage_dir / self.POINTS_FILE, self.points[self.stage_first:])
+
+    def recalibrated_weights(self, stage_dir: Path, step: int) -> dict | None:
+        """The BatchNorm-recalibrated weights the last point scored, if it was ``step`` of ``stage_dir``
+        (recalibrated on that stage's training data)."""
+        if self.recalibrated is None or self.recalibrated[:2] != (stage_dir, step):
+            return None
+        return self.recalibrated[2]
 
     def start_stage(self, offset_s: float, stage_dir: Path, train_data, model) -> None:
         """Continue the time axis after ``offset_s`` of earlier training, with the stage in ``stage_dir``.
@@ -83,7 +97,7 @@ class TrainingCurve:
         return json.loads(path.read_text()) if path.exists() else []
 
 
-def recalibrate_batchnorm(model, data, seed: int, batches: int = 8, batch_size: int = 4) -> None:
+def recalibrate_batchnorm(model, data, seed: int, batches: int = PRECISE_BN_BATCHES, batch_size: int = 4) -> None:
     """Precise BatchNorm: recompute running statistics with the final weights on training samples.
 
     The encoders keep OpenPCDet's BN momentum (0.01), tuned for 80-epoch runs; after a short run the
