@@ -138,3 +138,18 @@ def test_trajectory_pretraining_curves(tmp_path):
     assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
     with pytest.raises(ValueError, match="not trajectory pretraining runs"):
         trajectory_pretraining({"x": log.drop(columns=["log/positive_top1"])}, tmp_path / "none.png")
+
+
+def test_learning_curves_draw_one_row_per_budget_and_keep_each_runs_colour(tmp_path):
+    logs = {"matched budget": {"joint": training_log(0, 1.0), "multistage": training_log(1, 1.3)},
+            "proportional budget": {"multistage": training_log(1, 1.3), "trajectory": training_log(2, 1.1)}}
+    fig = learning_curves(logs, tmp_path / "learning.png")
+    assert_labelled(fig, 4)
+    assert [ax.get_title() for ax in fig.axes] == ["Detection loss (matched budget)", "Prediction loss (matched budget)",
+                                                   "Detection loss (proportional budget)",
+                                                   "Prediction loss (proportional budget)"]
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["joint", "multistage", "trajectory"]
+    colours = {t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    first_row, second_row = fig.axes[0], fig.axes[2]
+    assert first_row.get_lines()[1].get_color() == second_row.get_lines()[0].get_color() == colours["multistage"]

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from turbotrain.utils.atomic import atomic_path
@@ -57,24 +58,35 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
     return Path(path)
 
 
-def learning_curves(logs: Mapping[str, LogSource], path: str | os.PathLike, smooth: int = 1) -> Figure:
+def learning_curves(logs: Mapping[str, LogSource] | Mapping[str, Mapping[str, LogSource]],
+                    path: str | os.PathLike, smooth: int = 1) -> Figure:
     """One panel per ``loss/<task>`` column: loss vs step, one line per run (``logs`` label -> CSV).
 
+    ``logs`` may instead map a row title (a budget) to such a mapping: one row of panels each, a run
+    keeping its colour across rows, so runs trained at different budgets are never drawn as one.
     ``smooth`` > 1 draws a centred rolling mean of that many logged steps over the faint raw curve.
     """
-    frame = _stack(logs, "run")
+    nested = isinstance(next(iter(logs.values()), None), Mapping)
+    rows = logs if nested else {"": logs}
+    frames = {row: _stack(row_logs, "run") for row, row_logs in rows.items()}
+    frame = pd.concat(frames.values(), ignore_index=True)
     tasks = sorted(c for c in frame.columns if c.startswith("loss/"))
     if not tasks:
         raise ValueError(f"{path}: training logs have no 'loss/<task>' column (have {list(frame.columns)})")
+    runs = list(dict.fromkeys(frame["run"]))
+    palette = dict(zip(runs, sns.color_palette("tab10" if len(runs) <= 10 else "tab20", len(runs))))
     with _theme():
-        fig, axes = _panels(len(tasks))
-        for ax, column in zip(axes, tasks):
-            _smoothed_lines(ax, frame, "step", column, "run", smooth)
-            task = column.split("/", 1)[1]
-            ax.set(title=f"{task.capitalize()} loss", xlabel="Training step", ylabel=f"{task} loss")
-            if (frame[column].dropna() > 0).all() and _spans_decades(frame[column]):
-                ax.set_yscale("log")
-        _legend_beside(fig, axes)
+        fig = Figure(figsize=(6.0 * len(tasks), 4.6 * len(rows)), layout="constrained")
+        grid = np.atleast_2d(fig.subplots(len(rows), len(tasks), squeeze=False))
+        for axes, (row, row_frame) in zip(grid, frames.items()):
+            for ax, column in zip(axes, tasks):
+                _smoothed_lines(ax, row_frame, "step", column, "run", smooth, palette)
+                task = column.split("/", 1)[1]
+                title = f"{task.capitalize()} loss" + (f" ({row})" if row else "")
+                ax.set(title=title, xlabel="Training step", ylabel=f"{task} loss")
+                if (frame[column].dropna() > 0).all() and _spans_decades(frame[column]):
+                    ax.set_yscale("log")
+        _legend_of_all(fig, list(grid.flat), palette)
         fig.suptitle("Learning curves", fontweight="bold")
     save_figure(fig, path)
     return fig
@@ -106,11 +118,13 @@ def trajectory_pretraining(logs: Mapping[str, LogSource], path: str | os.PathLik
     return fig
 
 
-def gradient_conflict(logs: Mapping[str, LogSource], path: str | os.PathLike, smooth: int = 20) -> Figure:
+def gradient_conflict(logs: Mapping[str, LogSource], path: str | os.PathLike, smooth: int = 20,
+                      title_note: str = "") -> Figure:
     """Task-gradient cosine, conflict rate (rolling share of conflicting steps), gradient-norm ratio
     and the balancer's effective task-weight ratio over training, one line per balancer (``logs``
     balancer name -> gradient CSV). The weight panel makes a rule's implicit reweighting visible
-    (TurboTrain's magnitude balancing, FAMO, uncertainty weighting); a plain sum stays at 1."""
+    (TurboTrain's magnitude balancing, FAMO, uncertainty weighting); a plain sum stays at 1.
+    ``title_note`` (which runs: pretraining, budget, seed) is appended to the title."""
     frame = _gradient_columns(_stack(logs, "balancer"))
     frame["conflict_rate"] = frame.groupby("balancer")["conflict"].transform(
         lambda s: s.astype(float).rolling(max(smooth, 1), min_periods=1).mean()
@@ -125,7 +139,7 @@ def gradient_conflict(logs: Mapping[str, LogSource], path: str | os.PathLike, sm
                     ylim=(-1.05, 1.05))
         sns.lineplot(data=frame, x="step", y="conflict_rate", hue="balancer", ax=axes[1], lw=2)
         axes[1].yaxis.set_major_formatter(_percent())
-        axes[1].set(title=f"Conflict rate (last {smooth} steps)", xlabel="Training step",
+        axes[1].set(title=f"Conflict rate (last {smooth} logged steps)", xlabel="Training step",
                     ylabel="steps with cosine < 0", ylim=(-0.02, 1.02))
         if len(norms) >= 2:
             frame["norm_ratio"] = frame[norms[0]] / frame[norms[1]].replace(0, np.nan)
@@ -141,7 +155,8 @@ def gradient_conflict(logs: Mapping[str, LogSource], path: str | os.PathLike, sm
         if len(weights) >= 2:
             _weight_ratio_panel(axes[-1], frame, weights, smooth)
         _single_legend(axes)
-        fig.suptitle("Task-gradient conflict during training", fontweight="bold")
+        note = f" ({title_note})" if title_note else ""
+        fig.suptitle(f"Task-gradient conflict during training{note}", fontweight="bold")
     save_figure(fig, path)
     return fig
 
@@ -273,6 +288,16 @@ def _legend_beside(fig: Figure, axes: list) -> None:
     fig.legend(handles, labels, title=legend.get_title().get_text(), loc="outside right center")
 
 
+def _legend_of_all(fig: Figure, axes: list, palette: Mapping[str, tuple]) -> None:
+    """One legend beside the panels naming every run of every row (a row may draw only some runs)."""
+    title = next((ax.get_legend().get_title().get_text() for ax in axes if ax.get_legend()), "run")
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    handles = [Line2D([], [], color=colour, lw=2) for colour in palette.values()]
+    fig.legend(handles, list(palette), title=title, loc="outside right center")
+
+
 def _single_legend(axes: list) -> None:
     # Every panel uses the same colours per run, so one legend (first panel) is enough.
     for ax in axes[1:]:
@@ -306,14 +331,17 @@ def _gradient_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _smoothed_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, smooth: int) -> None:
+def _smoothed_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, smooth: int, palette=None) -> None:
+    # A window wider than a fifth of a line's logged points would flatten it to its mean: cap it.
+    points = int(frame.dropna(subset=[y]).groupby(hue).size().min()) if len(frame) else 0
+    smooth = min(smooth, max(1, points // 5))
     if smooth > 1:
-        sns.lineplot(data=frame, x=x, y=y, hue=hue, ax=ax, lw=0.8, alpha=0.25, legend=False)
+        sns.lineplot(data=frame, x=x, y=y, hue=hue, ax=ax, lw=0.8, alpha=0.25, legend=False, palette=palette)
         rolling_mean = lambda s: s.rolling(smooth, min_periods=1, center=True).mean()  # noqa: E731
         smoothed = frame.assign(**{y: frame.groupby(hue)[y].transform(rolling_mean)})
-        sns.lineplot(data=smoothed, x=x, y=y, hue=hue, ax=ax, lw=2)
+        sns.lineplot(data=smoothed, x=x, y=y, hue=hue, ax=ax, lw=2, palette=palette)
     else:
-        sns.lineplot(data=frame, x=x, y=y, hue=hue, ax=ax, lw=2)
+        sns.lineplot(data=frame, x=x, y=y, hue=hue, ax=ax, lw=2, palette=palette)
 
 
 def _spans_decades(values: pd.Series) -> bool:

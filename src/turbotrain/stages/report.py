@@ -86,17 +86,29 @@ def _of_table(frame: pd.DataFrame, config: dict, table: str) -> pd.DataFrame:
     return frame[frame["run_id"].isin(ids)]
 
 
+def _budgets_in_order(config, runs: pd.DataFrame) -> list[str]:
+    """The budgets ``runs`` were trained at, in ``experiments.budgets`` order (the first is the headline)."""
+    return [b for b in config["experiments"]["budgets"] if b in set(runs["budget"])]
+
+
 def _learning_curves(config, frame, out_png, cache_root):
     full = frame["label_fraction"] == 1.0
     runs = _select(frame, full & (frame["fusion"] == frame["fusion"].mode().iloc[0]), "learning_curves", "full-label runs")
-    figures.learning_curves({row["variant"]: _stage_logs(_trained_run(config, row)) for _, row in runs.iterrows()}, out_png)
+    # One row per budget: a variant trained at two budgets is two runs, never one line.
+    figures.learning_curves({
+        f"{budget} budget": {row["variant"]: _stage_logs(_trained_run(config, row))
+                             for _, row in runs[runs["budget"] == budget].iterrows()}
+        for budget in _budgets_in_order(config, runs)}, out_png)
 
 
 def _gradient_conflict(config, frame, out_png, cache_root):
     full = frame["label_fraction"] == 1.0
     joint = _select(frame, full & (frame["recipe"] == "joint"), "gradient_conflict", "joint (balanced) runs")
     joint = joint[joint["pretrain"] == joint["pretrain"].mode().iloc[0]]
-    figures.gradient_conflict({row["balancer"]: _stage_logs(_trained_run(config, row)) for _, row in joint.iterrows()}, out_png)
+    budget = _budgets_in_order(config, joint)[0]  # one budget: balancers compared over the same steps
+    joint = joint[joint["budget"] == budget]
+    figures.gradient_conflict({row["balancer"]: _stage_logs(_trained_run(config, row)) for _, row in joint.iterrows()},
+                              out_png, title_note=f"{joint['pretrain'].iloc[0]} pretraining, {budget} budget, seed {joint['seed'].iloc[0]}")
 
 
 def _ap_vs_time(config, frame, out_png, cache_root):
