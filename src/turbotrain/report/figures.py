@@ -332,12 +332,14 @@ def _gradient_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _smoothed_lines(ax, frame: pd.DataFrame, x: str, y: str, hue: str, smooth: int, palette=None) -> None:
-    # A window wider than a fifth of a line's logged points would flatten it to its mean: cap it.
-    points = int(frame.dropna(subset=[y]).groupby(hue).size().min()) if len(frame) else 0
-    smooth = min(smooth, max(1, points // 5))
     if smooth > 1:
         sns.lineplot(data=frame, x=x, y=y, hue=hue, ax=ax, lw=0.8, alpha=0.25, legend=False, palette=palette)
-        rolling_mean = lambda s: s.rolling(smooth, min_periods=1, center=True).mean()  # noqa: E731
+
+        def rolling_mean(values: pd.Series) -> pd.Series:
+            # A window wider than a fifth of the line's logged points would flatten it to its mean.
+            window = min(smooth, max(1, values.notna().sum() // 5))
+            return values.rolling(window, min_periods=1, center=True).mean()
+
         smoothed = frame.assign(**{y: frame.groupby(hue)[y].transform(rolling_mean)})
         sns.lineplot(data=smoothed, x=x, y=y, hue=hue, ax=ax, lw=2, palette=palette)
     else:
