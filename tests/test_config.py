@@ -80,6 +80,24 @@ def test_paper_grid_trains_in_epochs_not_the_cpu_step_budget():
     assert [s.epochs for s in multistage] == [20, 10, 10, 20]
 
 
+def test_paper_grid_pretrains_trajectory_variants_with_smartpretrains_recipe():
+    from turbotrain.build import train_config
+
+    cfg = merged("config/paper.yaml")
+    section = {**cfg["pretrain"]["train"], **cfg["pretrain"]["variants"]["trajectory"]["train"]}
+    engine = train_config(section, 3200, 0, "cpu")
+    # train_ssl.sh: 32 epochs of batch 4 x 8 GPUs, warm-up 1e-4 -> 1.5e-3 over 15 epochs, cosine to 1e-6
+    assert engine.max_steps == 32 * 3200 // 32 and engine.warmup_steps == 15 * 3200 // 32
+    assert engine.optimizer == "adamw" and engine.lr == 1.5e-3
+    assert abs(engine.lr * engine.warmup_start_ratio - 1e-4) < 1e-9 and abs(engine.min_lr - 1e-6) < 1e-9
+    assert (engine.weight_decay_start, engine.weight_decay) == (0.01, 0.1)
+    for name in ("trajectory_b", "trajectory_ab"):
+        assert cfg["pretrain"]["variants"][name]["train"] == cfg["pretrain"]["variants"]["trajectory"]["train"]
+    # CooPre's recipe stays the LiDAR variants' (and lidar_trajectory's, which sets no recipe of its own)
+    assert cfg["pretrain"]["variants"]["lidar_trajectory"]["train"] == {}
+    assert cfg["pretrain"]["train"]["optimizer"] == "adam"
+
+
 def test_smoke_config_keeps_every_job_seconds_long():
     cfg = merged("config/smoke.yaml")
     assert cfg["finetune"]["joint"]["max_steps"] == 3 and cfg["pretrain"]["train"]["max_steps"] == 3

@@ -27,7 +27,7 @@ from turbotrain.train.engine import (
     fit,
     needs_losses_after,
 )
-from turbotrain.train.schedule import build_warmup_cosine, warmup_cosine_lr
+from turbotrain.train.schedule import build_warmup_cosine, linear_weight_decay, warmup_cosine_lr
 from turbotrain.utils.errors import ConfigError
 
 TASKS = ("regression", "classification")
@@ -153,6 +153,23 @@ def test_logged_learning_rate_follows_the_schedule(tmp_path):
     logged = [float(r["lr"]) for r in rows]
     expected = [warmup_cosine_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) for s in range(6)]
     assert logged == pytest.approx(expected)
+
+
+def test_weight_decay_rises_linearly_from_its_start_and_only_on_the_decayed_group(tmp_path, monkeypatch):
+    # SmartPretrain: 0.01 -> 0.1 over training; biases keep none. Recorded as each update is applied.
+    assert [linear_weight_decay(s, 6, 0.01, 0.1) for s in (0, 3, 6, 9)] == pytest.approx([0.01, 0.055, 0.1, 0.1])
+    seen, optimizer_step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(tuple(g["weight_decay"] for g in self.param_groups))
+        return optimizer_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train(tmp_path, base_config(weight_decay=0.1, weight_decay_start=0.01))
+    assert [decayed for decayed, _ in seen] == pytest.approx([linear_weight_decay(s, 6, 0.01, 0.1) for s in range(6)])
+    assert {bias for _, bias in seen} == {0.0}
+    with pytest.raises(ConfigError, match="weight_decay_start"):
+        base_config(weight_decay_start=-1.0).validate()
 
 
 # ------------------------------------------------------------------------------------ data order

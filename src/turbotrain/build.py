@@ -84,6 +84,7 @@ def train_config(section: dict, dataset_size: int, seed: int, device: str, epoch
         lr=section["lr"],
         min_lr=section["lr"] * section["min_lr_ratio"],
         weight_decay=section["weight_decay"],
+        weight_decay_start=section["weight_decay_start"],
         optimizer=section["optimizer"],
         eps=section["eps"],
         warmup_steps=min(_warmup_steps(section, steps_per_epoch), max_steps),

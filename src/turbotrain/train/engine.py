@@ -57,7 +57,7 @@ from turbotrain.train.distributed import (
 )
 from turbotrain.train.sampling import epoch_permutation, mixed_seed
 from turbotrain.train.scalars import ScalarLogger, progress_bar
-from turbotrain.train.schedule import build_warmup_cosine
+from turbotrain.train.schedule import build_warmup_cosine, linear_weight_decay
 from turbotrain.utils.errors import ConfigError
 from turbotrain.utils.seed import seed_everything, seed_worker
 
@@ -82,6 +82,7 @@ class TrainConfig:
     lr: float = 2e-3
     min_lr: float = 0.0
     weight_decay: float = 0.01
+    weight_decay_start: float | None = None  # None: constant; else rises linearly to weight_decay
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     optimizer: str = "adamw"  # "adamw" (decoupled weight decay) | "adam" (L2 weight decay, CooPre)
@@ -118,6 +119,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be > 0, got {value!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"TrainConfig.min_lr must lie in [0, lr={self.lr}], got {self.min_lr!r}")
+        if self.weight_decay_start is not None and self.weight_decay_start < 0:
+            raise ConfigError(f"TrainConfig.weight_decay_start must be >= 0 or None, got {self.weight_decay_start!r}")
         if self.warmup_steps < 0 or self.num_workers < 0 or self.weight_decay < 0:
             raise ConfigError("TrainConfig.warmup_steps, num_workers and weight_decay must be >= 0")
         if self.optimizer not in ("adamw", "adam"):
@@ -236,8 +239,9 @@ def build_optimizer(model: nn.Module, extra_params: Sequence[nn.Parameter],
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2] + [p for p in extra_params if p.requires_grad]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    start = cfg.weight_decay if cfg.weight_decay_start is None else cfg.weight_decay_start
+    groups = [{"params": decay, "weight_decay": start, "decayed": True},
+              {"params": no_decay, "weight_decay": 0.0, "decayed": False}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("no trainable parameters left (check freeze_prefixes)")
@@ -483,6 +487,12 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, max_norm)) if grads else 0.0
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             raise NonFiniteGradientError(self.progress.step + 1, grad_norm)
+        if self.cfg.weight_decay_start is not None:
+            decay = linear_weight_decay(self.progress.step, self.total_steps, self.cfg.weight_decay_start,
+                                        self.cfg.weight_decay)
+            for group in self.optimizer.param_groups:
+                if group.get("decayed"):
+                    group["weight_decay"] = decay
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

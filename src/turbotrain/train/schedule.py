@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to a floor.
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor; and a linear weight-decay ramp.
 
 The schedule is a closed-form function of the optimizer step, wrapped in ``LambdaLR``. The closed
 form (rather than chaining ``LinearLR`` + ``CosineAnnealingLR`` in ``SequentialLR``) makes the value
@@ -57,3 +57,10 @@ def build_warmup_cosine(
     if base_lr <= 0:
         raise ValueError(f"base_lr must be > 0, got {base_lr}")
     return LambdaLR(optimizer, WarmupCosineFactor(base_lr, min_lr, warmup_steps, total_steps, start_ratio))
+
+
+def linear_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
+    """Weight decay for the update that follows ``step`` completed steps: ``start`` at step 0 rising
+    linearly to ``end`` at ``total_steps`` (SmartPretrain's ``adjust_learning_rate_decay``: 0.01 -> 0.1,
+    there per epoch)."""
+    return start + (end - start) * min(max(step / max(total_steps, 1), 0.0), 1.0)
