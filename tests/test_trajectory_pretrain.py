@@ -77,7 +77,7 @@ def test_masked_segments_are_not_visible_to_the_encoder():
     hidden = segment_mask(win.present.shape, 5, 2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = ssl.embed(win, hidden)
-        win.xy = torch.where(hidden[..., None], win.xy + 100.0, win.xy)  # change only what is hidden
+        win.inputs = torch.where(hidden[..., None], win.inputs + 100.0, win.inputs)  # change only what is hidden
         win.valid = win.valid & ~(hidden & (torch.rand(hidden.shape) < 0.5))
         after = ssl.embed(win, hidden)
         unmasked = ssl.embed(win)
@@ -93,6 +93,22 @@ def test_windows_are_in_the_anchor_frame():
     assert torch.allclose(win.xy[..., -1, :], torch.zeros(2), atol=1e-5)  # the anchor is the origin
     straight = win.xy[0, 1]  # agent 1 of scene 0 drives straight: its track lies on the x axis, behind it
     assert torch.allclose(straight[:, 1], torch.zeros(5), atol=1e-4) and (straight[:-1, 0] < 0).all()
+
+
+def test_input_noise_moves_every_step_but_the_anchor_and_leaves_the_targets_clean():
+    batch = _toy_batch()
+    track = torch.cat([batch.history, batch.future], dim=2)
+    valid = torch.ones(track.shape[:-1], dtype=torch.bool)
+    clean = TrackWindow(track, valid, torch.tensor([2, 2, 2, 2]), 5, batch.box_mask)
+    noisy = TrackWindow(track, valid, torch.tensor([2, 2, 2, 2]), 5, batch.box_mask, noise_m=0.2,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noisy.xy, clean.xy) and torch.equal(clean.inputs, clean.xy)
+    assert torch.equal(noisy.inputs[..., -1, :], clean.xy[..., -1, :])  # the anchor stays the origin
+    error = (noisy.inputs - clean.xy)[..., :-1, :]
+    assert float(error.std()) == pytest.approx(0.2, rel=0.25) and abs(float(error.mean())) < 0.05
+    ssl = _ssl(input_noise_m=0.2)
+    first, second = ssl.windows(batch, torch.Generator().manual_seed(3))[0]
+    assert not torch.equal(first.inputs, first.xy) and not torch.equal(second.inputs, second.xy)
 
 
 def test_contrastive_loss_ranks_the_positive_pair_first_after_a_few_steps():

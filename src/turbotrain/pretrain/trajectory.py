@@ -28,6 +28,10 @@ the release).
   ``reconstruction: inpaint`` is our earlier objective: a contiguous segment of each window (never
   its anchor step) is hidden behind a mask token and decoded back from the agent's embedding.
 
+Our addition, named: ``input_noise_m`` > 0 adds Gaussian noise to the window steps the encoders
+read (never the anchor step, never the targets), because fine-tuning feeds the motion encoder the
+prediction head's backcast tracks, which are not ground truth; 0 reads clean tracks, as the release.
+
 The momentum follows SmartPretrain: ``momentum`` rising to 1 on a cosine over training. The
 exported weights are the momentum branch's (SmartPretrain fine-tunes from the EMA encoder), under
 the names of the prediction head that owns the two modules, so any model whose prediction branch
@@ -81,15 +85,25 @@ def agent_identities(sample_ids: list[str], track_ids: torch.Tensor) -> torch.Te
 
 class TrackWindow:
     """One window of every agent's track: anchor-frame ``xy (B, M, W, 2)``, ``valid (B, M, W)``,
-    scene-frame ``anchor (B, M, 3)`` pose at the last step, and ``present (B, M)``."""
+    scene-frame ``anchor (B, M, 3)`` pose at the last step, and ``present (B, M)``.
 
-    def __init__(self, track: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, window: int, box_mask: torch.Tensor):
+    ``inputs`` is what the encoders read: ``xy`` plus Gaussian noise of ``noise_m`` metres per
+    coordinate on every step but the anchor (which stays the origin, as a backcast track ends at its
+    box). Fine-tuning feeds the motion encoder the prediction head's backcast tracks, not ground truth;
+    the noise makes the pretraining tracks look like them. Targets always use the clean ``xy``."""
+
+    def __init__(self, track: torch.Tensor, valid: torch.Tensor, start: torch.Tensor, window: int, box_mask: torch.Tensor,
+                 noise_m: float = 0.0, generator: torch.Generator | None = None):
         steps = start[:, None] + torch.arange(window, device=track.device)  # (B, W)
         index = steps[:, None, :].expand(*track.shape[:2], window)
         cut = track.gather(2, index[..., None].expand(-1, -1, -1, track.shape[-1]))
         self.valid = valid.gather(2, index) & box_mask[..., None]
         self.anchor = cut[:, :, -1]
         self.xy = to_anchor_frame(cut[..., :2], self.anchor)
+        self.inputs = self.xy
+        if noise_m > 0:
+            noise = torch.randn(self.xy.shape, generator=generator).to(self.xy.device) * noise_m
+            self.inputs = self.xy + noise * (torch.arange(window, device=track.device) < window - 1)[:, None]
         # an agent takes part if its anchor is known and the window shows it move (two steps or more)
         self.present = self.valid[..., -1] & (self.valid.sum(-1) >= 2)
 
@@ -111,6 +125,7 @@ class TrajectorySSL(nn.Module):
                  window: int = 5, reconstruction: str = "forecast", mask_steps: int = 2, temperature: float = 0.07,
                  momentum: float = 0.996, direction: str = "forward", scale_by_temperature: bool = True,
                  exclude_same_object: bool = True, queue_size: int = 0, projection_dim: int | None = None,
+                 input_noise_m: float = 0.0,
                  contrastive_weight: float = 1.0, reconstruction_weight: float = 1.0,
                  export_prefix: str = "prediction_head"):
         super().__init__()
@@ -121,7 +136,7 @@ class TrajectorySSL(nn.Module):
         self.reconstruction_mode, self.direction = reconstruction, direction
         self.scale_by_temperature, self.exclude_same_object = scale_by_temperature, exclude_same_object
         self.contrastive_weight, self.reconstruction_weight = contrastive_weight, reconstruction_weight
-        self.track_steps, self.export_prefix = track_steps, export_prefix
+        self.track_steps, self.export_prefix, self.input_noise_m = track_steps, export_prefix, input_noise_m
         self.encoder, self.interaction = encoder, interaction
         dim = projection_dim or 2 * hidden
         self.projector = mlp_head(hidden, 4 * hidden, dim, nn.BatchNorm1d)
@@ -162,7 +177,7 @@ class TrajectorySSL(nn.Module):
         encoder = self.momentum_branch["encoder"] if momentum else self.encoder
         interaction = self.momentum_branch["interaction"] if momentum else self.interaction
         B, M, W = win.valid.shape
-        tokens = encoder.step_tokens(win.xy.flatten(0, 1), win.valid.flatten(0, 1))
+        tokens = encoder.step_tokens(win.inputs.flatten(0, 1), win.valid.flatten(0, 1))
         if hidden_steps is not None:
             mask = hidden_steps.flatten(0, 1)[..., None]
             tokens = torch.where(mask, self.mask_token.to(tokens.dtype).expand_as(tokens), tokens)
@@ -238,7 +253,8 @@ class TrajectorySSL(nn.Module):
         track = torch.cat([batch.history, batch.future], dim=2)
         valid = torch.cat([batch.history_valid, batch.future_valid], dim=2) & batch.box_mask[..., None]
         starts = draw_windows(track.shape[2], self.window, batch.batch_size, generator).to(track.device)
-        views = tuple(TrackWindow(track, valid, starts[:, v], self.window, batch.box_mask) for v in range(2))
+        views = tuple(TrackWindow(track, valid, starts[:, v], self.window, batch.box_mask, self.input_noise_m, generator)
+                      for v in range(2))
         return views, track, valid, starts
 
     def _identities(self, batch: Batch) -> torch.Tensor:
