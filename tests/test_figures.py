@@ -153,3 +153,12 @@ def test_learning_curves_draw_one_row_per_budget_and_keep_each_runs_colour(tmp_p
     colours = {t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), legend.legend_handles)}
     first_row, second_row = fig.axes[0], fig.axes[2]
     assert first_row.get_lines()[1].get_color() == second_row.get_lines()[0].get_color() == colours["multistage"]
+
+
+def test_figure_budgets_include_runs_on_their_own_schedule():
+    """A group naming no budget trains on ``schedule`` (the smoke config): its figures must still draw."""
+    from turbotrain.stages.report import _budgets_in_order
+    runs = pd.DataFrame({"budget": ["schedule", "proportional", "matched"]})
+    config = {"experiments": {"budgets": {"matched": {}, "proportional": {}}}}
+    assert _budgets_in_order(config, runs) == ["matched", "proportional", "schedule"]
+    assert _budgets_in_order({"experiments": {}}, runs[runs["budget"] == "schedule"]) == ["schedule"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from turbotrain.budgets import SCHEDULE
 from turbotrain.evaluate.metrics_file import metrics_frame
 from turbotrain.contract import TRAJECTORY_TYPES, Run, expand_runs, pretraining_sources, template, training_run
 from turbotrain.report import claims, figures, tables
@@ -87,8 +88,10 @@ def _of_table(frame: pd.DataFrame, config: dict, table: str) -> pd.DataFrame:
 
 
 def _budgets_in_order(config, runs: pd.DataFrame) -> list[str]:
-    """The budgets ``runs`` were trained at, in ``experiments.budgets`` order (the first is the headline)."""
-    return [b for b in config["experiments"]["budgets"] if b in set(runs["budget"])]
+    """The budgets ``runs`` were trained at, in ``experiments.budgets`` order (the first is the headline),
+    then ``schedule`` (a group that names no budget trains on its own schedule)."""
+    order = [*config["experiments"].get("budgets", {}), SCHEDULE]
+    return [b for b in order if b in set(runs["budget"])]
 
 
 def _learning_curves(config, frame, out_png, cache_root):
