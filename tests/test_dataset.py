@@ -218,3 +218,65 @@ def test_points_first_and_feature_warp_agree_for_an_agent_at_the_ego_pose(cache_
         a, b = model.forward_bev(warped)["bev"], model.forward_bev(projected)["bev"]
     assert a.abs().sum() > 0
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_raw_target_points_keep_a_dense_cell_the_voxel_cap_thins():
+    """CooPre's targets are the pillar's raw points: a cell far denser than the per-voxel cap keeps up
+    to target_points_per_cell of them, all inside the grid, the same ones on every build."""
+    from turbotrain.data.cache.builder import FrameStore
+    from turbotrain.data.records import AgentFrameRecord
+    from turbotrain.data.voxelize import Voxelizer
+    from turbotrain.grid import Grid
+
+    grid = Grid((-8.0, -8.0, -2.0, 8.0, 8.0, 2.0), (0.4, 0.4, 0.5), 2)  # 0.8 m cells
+    rng = np.random.default_rng(0)
+    dense = np.c_[rng.uniform(0.05, 0.35, (500, 2)), rng.uniform(-1.0, 1.0, 500), np.ones(500)]  # one voxel column
+    sparse = np.c_[rng.uniform(-7.9, 7.9, (300, 2)), rng.uniform(-1.9, 1.9, 300), np.ones(300)]
+    outside = np.array([[20.0, 0.0, 0.0, 1.0], [0.0, 0.0, 5.0, 1.0]])
+    record = AgentFrameRecord("s", 1, "000001", np.zeros(6), np.vstack([dense, sparse, outside]).astype(np.float32))
+    stores = [FrameStore(Voxelizer(grid, 4, 10000, "numpy"), target_points_per_cell=64, seed=0) for _ in range(2)]
+    arrays = [store.arrays() if store.slot_of(_Reader(record), 1, "000001") == 0 else None for store in stores]
+    targets = arrays[0]["target_points"]
+    np.testing.assert_array_equal(targets, arrays[1]["target_points"])  # seeded: the same on every build
+    assert grid.contains(targets).all() and arrays[0]["target_offsets"].tolist() == [0, len(targets)]
+    cells = grid.bev_cell_of(targets[:, :2])
+    _, per_cell = np.unique(cells, axis=0, return_counts=True)
+    assert per_cell.max() == 64  # the dense cell: 64 raw points
+    in_dense_voxels = (arrays[0]["points"][:, :2] >= 0).all(1) & (arrays[0]["points"][:, :2] < 0.4).all(1)
+    assert in_dense_voxels.sum() <= 4 * 4  # the voxels keep 4 points in each of the 4 z cells it spans
+    off = FrameStore(Voxelizer(grid, 4, 10000, "numpy"), target_points_per_cell=0)
+    off.slot_of(_Reader(record), 1, "000001")
+    assert off.arrays()["target_points"].shape == (0, 4)
+
+
+class _Reader:
+    """The one ScenarioReader method FrameStore calls, over a single record."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def has(self, agent_id, timestamp):
+        return True
+
+    def with_points(self, agent_id, timestamp):
+        return self.record
+
+
+def test_frames_carry_their_raw_target_points_in_the_voxels_frame(cache_dir):
+    own = FusedDataset(cache_dir, "train", target_points=True)
+    moved = FusedDataset(cache_dir, "train", fusion_mode="points_first", target_points=True)
+    i = _index(own, SAMPLE)
+    assert all(f.target_points is None for f in FusedDataset(cache_dir, "train")[i].frames)
+    own_frames = {(f.step, f.agent_id): f for f in own[i].frames}
+    for frame in moved[i].frames:
+        source = own_frames[(frame.step, frame.agent_id)]
+        assert len(source.target_points) > 0
+        np.testing.assert_allclose(frame.target_points, transform_points(source.target_points, source.pose_to_ego),
+                                   atol=1e-5)
+    early = FusedDataset(cache_dir, "train", fusion_mode="early", target_points=True)[i]
+    current = [f for f in early.frames if f.step == HISTORY - 1][0]
+    expected = sum(len(f.target_points) for f in own_frames.values() if f.step == HISTORY - 1)
+    assert len(current.target_points) == expected
+    batch = collate([own[i]])
+    assert len(batch.target_points) == sum(len(f.target_points) for f in own[i].frames)
+    assert batch.target_frame.max() < len(batch.frame_pose_to_ego)

@@ -99,3 +99,19 @@ def test_target_cap_and_determinism():
     b = plan_masking(batch, GRID, 1, 0.7, "independent", max_target_points=2, generator=torch.Generator().manual_seed(5))
     assert a.target.shape[1] == 2
     assert torch.equal(a.cells, b.cells) and torch.equal(a.target, b.target)
+
+
+def test_targets_come_from_the_batchs_raw_points_when_it_carries_them():
+    rng = np.random.default_rng(4)
+    sample = make_sample(rng, steps=1)
+    for frame in sample.frames:  # raw points: the voxels' points plus a dense copy 1 cm above them
+        points = frame.points()
+        frame.target_points = np.vstack([points, points + np.array([0, 0, 0.01, 0], np.float32)])
+    raw = collate([sample])
+    capped = collate([make_sample(np.random.default_rng(4), steps=1)])
+    plan_raw = plan_masking(raw, GRID, 1, 0.5, "independent", max_target_points=400,
+                            generator=torch.Generator().manual_seed(3))
+    plan_capped = plan_masking(capped, GRID, 1, 0.5, "independent", max_target_points=400,
+                               generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plan_raw.cells, plan_capped.cells)  # masking reads the voxels either way
+    assert plan_raw.target_mask.sum() == 2 * plan_capped.target_mask.sum()  # targets: the raw points

@@ -36,15 +36,15 @@ def build_model(config: dict, fusion: str, history: int | None = None):
 
 
 def fused_dataset(config: dict, cache_root: str, split: str, fusion_mode: str, label_fraction: float = 1.0,
-                  history: int | None = None, **augmentation) -> FusedDataset:
+                  history: int | None = None, **pretraining) -> FusedDataset:
     """``intermediate`` reads as ``model.cooperator_alignment`` says: each agent in its own frame, its
     features warped by the model (``warp_features``), or its points moved into the ego frame before
-    voxelising (``points_first``, OpenCOOD's ``proj_first``). ``augmentation``: FusedDataset's
-    ``augmentation`` / ``augmentation_seed`` (pretraining only)."""
+    voxelising (``points_first``, OpenCOOD's ``proj_first``). ``pretraining``: FusedDataset's
+    ``augmentation`` / ``augmentation_seed`` / ``target_points`` (pretraining only)."""
     if fusion_mode == "intermediate" and config["model"]["cooperator_alignment"] == "points_first":
         fusion_mode = "points_first"
     return FusedDataset(cache_root, split, fusion_mode=fusion_mode, label_fraction=label_fraction,
-                        history=history, grid=grid_of(config), voxel_backend="auto", **augmentation)
+                        history=history, grid=grid_of(config), voxel_backend="auto", **pretraining)
 
 
 def evaluation_dataset(config: dict, cache_root: str, fusion: str, split: str | None = None) -> FusedDataset:

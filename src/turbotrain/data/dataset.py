@@ -63,11 +63,14 @@ class FusedDataset(Dataset):
         expected_config_hash: str | None = None,
         augmentation: GlobalAugmentation | None = None,
         augmentation_seed: int = 0,
+        target_points: bool = False,
     ):
         """``history``: use the most recent steps of the cached ones; ``grid`` / ``max_*``: early fusion's
         re-voxelisation (default: the cache's grid and points per voxel, and room for every agent's voxels).
         ``augmentation``: a global augmentation of the LiDAR drawn per (``augmentation_seed``, epoch,
-        sample); the dataset is then indexed by ``epoch * len(dataset) + i`` (:attr:`epoch_keyed`)."""
+        sample); the dataset is then indexed by ``epoch * len(dataset) + i`` (:attr:`epoch_keyed`).
+        ``target_points``: every frame also carries the cache's raw target points, moved as its voxels
+        (masked-reconstruction pretraining)."""
         if fusion_mode not in FUSION_MODES:
             raise ConfigError(f"fusion_mode must be one of {', '.join(FUSION_MODES)}, got {fusion_mode!r}")
         self.split_dir = Path(cache_dir) / split
@@ -92,6 +95,7 @@ class FusedDataset(Dataset):
         # points_first: one agent's cloud in the ego frame, under the cache's per-agent caps
         self.agent_voxelizer = Voxelizer(self.grid, self.max_points_per_voxel, int(cfg["max_voxels"]), voxel_backend)
         self.augmentation, self.augmentation_seed = augmentation, int(augmentation_seed)
+        self.target_points = bool(target_points)
         self._rows = self._select_rows(label_fraction)
         self._shards: dict[int, dict[str, np.ndarray]] = {}
         self._stores: dict[str, MappedNpz] = {}
@@ -179,9 +183,11 @@ class FusedDataset(Dataset):
     # -- frames
 
     def _agent_frame(self, shard: dict, row: int, ref: _FrameRef) -> AgentFrame:
-        voxels, coords, num_points = self._stored_voxels(str(shard["scenarios"][row]), ref.slot)
+        scenario = str(shard["scenarios"][row])
+        voxels, coords, num_points = self._stored_voxels(scenario, ref.slot)
         return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=ref.pose_to_ego.copy(),
-                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
+                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step,
+                          target_points=self._targets(scenario, ref.slot, np.eye(4)))
 
     def _augmented_frames(self, shard: dict, row: int, refs: list[_FrameRef], ego_id: int, epoch: int,
                           i: int) -> list[AgentFrame]:
@@ -199,19 +205,23 @@ class FusedDataset(Dataset):
                 moved, pose = A @ ref.pose_to_ego, np.eye(4)
             else:
                 moved, pose = A, conjugate_pose(A, ref.pose_to_ego)
-            points = transform_points(self._stored_points(str(shard["scenarios"][row]), ref.slot), moved)
-            frames.append(self._voxelised_frame(points, pose, ref))
+            scenario = str(shard["scenarios"][row])
+            points = transform_points(self._stored_points(scenario, ref.slot), moved)
+            frames.append(self._voxelised_frame(points, pose, ref, self._targets(scenario, ref.slot, moved)))
         return frames
 
-    def _voxelised_frame(self, points: np.ndarray, pose_to_ego: np.ndarray, ref: _FrameRef) -> AgentFrame:
+    def _voxelised_frame(self, points: np.ndarray, pose_to_ego: np.ndarray, ref: _FrameRef,
+                         target_points: np.ndarray | None = None) -> AgentFrame:
         voxels, coords, num_points = self.agent_voxelizer(points)
         return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=pose_to_ego,
-                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step)
+                          agent_id=ref.agent_id, agent_type=_agent_type(ref.agent_id), step=ref.step,
+                          target_points=target_points)
 
     def _projected_frame(self, shard: dict, row: int, ref: _FrameRef) -> AgentFrame:
         """The agent's cached points moved into the ego frame at t, voxelised there (identity pose)."""
-        points = transform_points(self._stored_points(str(shard["scenarios"][row]), ref.slot), ref.pose_to_ego)
-        return self._voxelised_frame(points, np.eye(4), ref)
+        scenario = str(shard["scenarios"][row])
+        points = transform_points(self._stored_points(scenario, ref.slot), ref.pose_to_ego)
+        return self._voxelised_frame(points, np.eye(4), ref, self._targets(scenario, ref.slot, ref.pose_to_ego))
 
     def _early_frame(self, shard: dict, row: int, refs: list[_FrameRef], step: int, ego_id: int,
                      augmentation: np.ndarray | None = None) -> AgentFrame:
@@ -219,8 +229,14 @@ class FusedDataset(Dataset):
         if augmentation is not None:
             points = transform_points(points, augmentation)
         voxels, coords, num_points = self.early_voxelizer(points)
+        targets = None
+        if self.target_points:
+            moved = np.eye(4) if augmentation is None else augmentation
+            scenario = str(shard["scenarios"][row])
+            targets = np.concatenate([np.zeros((0, 4), np.float32)] + [
+                self._targets(scenario, ref.slot, moved @ ref.pose_to_ego) for ref in refs if ref.step == step])
         return AgentFrame(voxels=voxels, num_points=num_points, coords=coords, pose_to_ego=np.eye(4),
-                          agent_id=ego_id, agent_type=_agent_type(ego_id), step=step)
+                          agent_id=ego_id, agent_type=_agent_type(ego_id), step=step, target_points=targets)
 
     def _fused_points(self, shard: dict, row: int, refs: list[_FrameRef], step: int) -> np.ndarray:
         scenario = str(shard["scenarios"][row])
@@ -235,6 +251,14 @@ class FusedDataset(Dataset):
         store = self._store(scenario)
         lo, hi = store["point_offsets"][slot], store["point_offsets"][slot + 1]
         return np.array(store["points"][lo:hi], np.float32)
+
+    def _targets(self, scenario: str, slot: int, transform: np.ndarray) -> np.ndarray | None:
+        """The frame's raw target points under ``transform`` (None unless ``target_points``)."""
+        if not self.target_points:
+            return None
+        store = self._store(scenario)
+        lo, hi = store["target_offsets"][slot], store["target_offsets"][slot + 1]
+        return transform_points(np.array(store["target_points"][lo:hi], np.float32), transform)
 
     def _stored_voxels(self, scenario: str, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(V, P, 4) zero-padded voxels rebuilt from the store's voxel-grouped points."""

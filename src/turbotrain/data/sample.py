@@ -29,6 +29,9 @@ class AgentFrame:
     agent_id: int
     agent_type: int  # 0 vehicle, 1 infrastructure
     step: int  # 0 .. H-1, H-1 is the current frame
+    # (N, 4) raw points in the same frame as the voxels, before the per-voxel cap (pretraining targets
+    # only, FusedDataset(target_points=True)); None when not read
+    target_points: np.ndarray | None = None
 
     def points(self) -> np.ndarray:
         """(N, 4) the raw points held by the voxels (sensor frame)."""
@@ -71,6 +74,8 @@ class Batch:
     history_valid: torch.Tensor  # (B, M, H) bool
     future: torch.Tensor  # (B, M, F, 3)
     future_valid: torch.Tensor  # (B, M, F) bool
+    target_points: torch.Tensor | None = None  # (N, 3) float32 raw points in their frame's own coordinates
+    target_frame: torch.Tensor | None = None  # (N,) int64 frame index of each target point
 
     @property
     def batch_size(self) -> int:
@@ -88,6 +93,7 @@ def collate(samples: list[Sample]) -> Batch:
     """Stack samples into a :class:`Batch`; agent slots are ego first, then ascending agent id."""
     voxels, num_points, coords = [], [], []
     frame_sample, frame_step, frame_agent, frame_type, frame_pose = [], [], [], [], []
+    targets, target_frame = [], []
     frame_index = 0
     for b, sample in enumerate(samples):
         slots = _agent_slots(sample)
@@ -103,6 +109,9 @@ def collate(samples: list[Sample]) -> Batch:
             frame_agent.append(slots[frame.agent_id])
             frame_type.append(frame.agent_type)
             frame_pose.append(frame.pose_to_ego)
+            if frame.target_points is not None:
+                targets.append(frame.target_points[:, :3])
+                target_frame.append(np.full(len(frame.target_points), frame_index, np.int64))
             frame_index += 1
     max_m = max([len(s.boxes) for s in samples] + [1])
     B = len(samples)
@@ -145,6 +154,8 @@ def collate(samples: list[Sample]) -> Batch:
         history_valid=torch.from_numpy(history_valid),
         future=torch.from_numpy(future),
         future_valid=torch.from_numpy(future_valid),
+        target_points=torch.from_numpy(np.concatenate(targets).astype(np.float32)) if target_frame else None,
+        target_frame=torch.from_numpy(np.concatenate(target_frame)) if target_frame else None,
     )
 
 

@@ -156,11 +156,15 @@ def plan_masking(
 
 
 def _targets(batch, indexer, masked, cap, generator):
-    """Real points (all agents of the batch) of each masked cell, relative to the cell centre."""
-    P = batch.voxels.shape[1]
-    valid = torch.arange(P, device=batch.voxels.device)[None, :] < batch.num_points[:, None]
-    points = batch.voxels[valid][:, :3]
-    frame = batch.coords[:, 0].long()[:, None].expand(-1, P)[valid]
+    """Real points (all agents of the batch) of each masked cell, relative to the cell centre: the
+    batch's raw target points when it carries them (CooPre), else the points its voxels hold."""
+    if batch.target_points is not None:
+        points, frame = batch.target_points, batch.target_frame
+    else:
+        P = batch.voxels.shape[1]
+        valid = torch.arange(P, device=batch.voxels.device)[None, :] < batch.num_points[:, None]
+        points = batch.voxels[valid][:, :3]
+        frame = batch.coords[:, 0].long()[:, None].expand(-1, P)[valid]
     keys = indexer.keys(points, frame, batch)
     pose = batch.frame_pose_to_ego[frame]
     ego = torch.einsum("nij,nj->ni", pose[:, :3, :3], points) + pose[:, :3, 3]

@@ -75,8 +75,15 @@ def pretraining_data(config: dict, cache_roots: list[str], sources: list[str], s
     """One dataset's cache, or the union of several (each fused with its own class map)."""
     # CooPre augments the fused cloud (pretrain.augmentation; tracks are not augmented)
     augmentation = GlobalAugmentation.from_config(config["pretrain"]["augmentation"]) if split == "train" else None
+    # CooPre's targets are the raw fused points of a masked pillar, not what the per-voxel cap leaves
+    raw_targets = config["pretrain"]["reconstruction_targets"] == "raw_points" and fusion_mode != "tracks"
     members = [fused_dataset(config, root, split, fusion_mode, history=history, augmentation=augmentation,
-                             augmentation_seed=config["seed"]) for root in cache_roots]
+                             augmentation_seed=config["seed"], target_points=raw_targets) for root in cache_roots]
+    for root, member in zip(cache_roots, members):
+        if raw_targets and not member.manifest["config"]["target_points_per_cell"]:
+            raise ConfigError(f"{member.split_dir}: pretrain.reconstruction_targets is raw_points, but this cache "
+                              "keeps no raw target points (cache.target_points_per_cell: 0); rebuild it with a "
+                              "positive cache.target_points_per_cell or use reconstruction_targets: voxel_points")
     return members[0] if len(members) == 1 else UnionDataset(members, sources)
 
 

@@ -77,7 +77,8 @@ def fuse(config: dict, raw: str | Path, split: str, out_dir: str | Path) -> dict
         max_points_per_voxel=g["max_points_per_voxel"], max_voxels=g["max_voxels"],
         sample_stride=c["sample_stride"], ego_types=tuple(c["ego_types"]),
         on_bad_frame=config["dataset"]["on_bad_frame"], label_fractions=tuple(c["label_fractions"]),
-        seed=config["seed"], gt_range_rule=gt_range_rule(config), workers=c["workers"],
+        seed=config["seed"], gt_range_rule=gt_range_rule(config), target_points_per_cell=c["target_points_per_cell"],
+        workers=c["workers"],
     )
 
 

@@ -54,6 +54,7 @@ def build_cache(
     label_fractions: Sequence[float] = (0.2, 0.5, 1.0),
     seed: int = 0,
     gt_range_rule: str = DEFAULT_RULE,
+    target_points_per_cell: int = 64,
     shard_size: int = 256,
     progress: bool = True,
     workers: int = 1,
@@ -71,6 +72,7 @@ def build_cache(
         class_map=dict(class_map or {}), max_agents=max_agents, max_points_per_voxel=max_points_per_voxel,
         max_voxels=max_voxels, sample_stride=sample_stride, ego_types=tuple(ego_types),
         on_bad_frame=on_bad_frame, label_fractions=tuple(label_fractions), seed=seed, gt_range_rule=gt_range_rule,
+        target_points_per_cell=target_points_per_cell,
     )
     split_dir = Path(out_dir) / split
     # A previous manifest would vouch for files this run is about to replace.
@@ -208,8 +210,10 @@ def select_cooperators(poses: dict[int, np.ndarray], ego_id: int, comm_range: fl
 class FrameStore:
     """One scenario's voxelised frames, each (agent, timestamp) voxelised once and shared by samples."""
 
-    def __init__(self, voxelizer: Voxelizer):
+    def __init__(self, voxelizer: Voxelizer, target_points_per_cell: int = 0, seed: int = 0):
         self.voxelizer = voxelizer
+        self.target_points_per_cell, self.seed = target_points_per_cell, seed
+        self._target_points: list[np.ndarray] = []
         self._slot: dict[tuple[int, str], int | None] = {}
         self._agent_ids: list[int] = []
         self._timestamps: list[str] = []
@@ -238,7 +242,30 @@ class FrameStore:
         self._coords.append(coords.astype(np.int32))
         self._num_points.append(num_points.astype(np.int32))
         self._points.append(voxels[keep].astype(np.float32))  # voxel-grouped, padding dropped
+        self._target_points.append(self._target_sample(record))
         return len(self._agent_ids) - 1
+
+    def _target_sample(self, record: AgentFrameRecord) -> np.ndarray:
+        """The frame's raw points inside the grid, at most ``target_points_per_cell`` per BEV cell (all
+        heights) in the agent's frame, a seeded subsample: the points CooPre's reconstruction targets
+        are drawn from, before the per-voxel cap thins dense surfaces."""
+        cap = self.target_points_per_cell
+        points = np.asarray(record.points, np.float32)[:, :4]
+        if cap == 0 or len(points) == 0:
+            return np.zeros((0, 4), np.float32)
+        grid = self.voxelizer.grid
+        points = points[np.isfinite(points).all(axis=1) & grid.contains(points)]
+        rows, cols = grid.bev_shape
+        row_col = grid.bev_cell_of(points[:, :2]).clip(0, [rows - 1, cols - 1])
+        key = f"{self.seed}/{record.agent_id}/{record.timestamp}".encode()
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        order = rng.permutation(len(points))
+        cell = (row_col[:, 0] * cols + row_col[:, 1])[order]
+        by_cell = np.argsort(cell, kind="stable")
+        sorted_cells = cell[by_cell]
+        first = np.searchsorted(sorted_cells, sorted_cells, side="left")
+        kept = order[by_cell[np.arange(len(sorted_cells)) - first < cap]]
+        return points[np.sort(kept)]
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -250,6 +277,8 @@ class FrameStore:
             "coords": concat_or_empty(self._coords, (0, 3), np.int32),
             "num_points": concat_or_empty(self._num_points, (0,), np.int32),
             "points": concat_or_empty(self._points, (0, 4), np.float32),
+            "target_offsets": ragged_offsets(len(p) for p in self._target_points),
+            "target_points": concat_or_empty(self._target_points, (0, 4), np.float32),
         }
 
 
@@ -293,7 +322,7 @@ class _ScenarioFuser:
         self.ego_types = {AGENT_TYPE_NAMES[name] for name in config.ego_types}
 
     def fuse(self, reader: ScenarioReader) -> tuple[list[SampleRecord], FrameStore, Counter]:
-        store, samples, counts = FrameStore(self.voxelizer), [], Counter()
+        store, samples, counts = FrameStore(self.voxelizer, self.config.target_points_per_cell, self.config.seed), [], Counter()
         for ego_id in sorted(reader.index.agent_ids):
             if (INFRASTRUCTURE if ego_id < 0 else VEHICLE) not in self.ego_types:
                 continue

@@ -7,7 +7,9 @@ Layout of ``<cache root>/<dataset>/<split>/``:
   once in the agent's own sensor frame (cropped with the grid range there), stored compactly as the
   voxels' points concatenated plus offsets: ``agent_ids (K,)``, ``timestamps (K,)``,
   ``lidar_poses (K, 6)``, ``voxel_offsets (K+1,)``, ``point_offsets (K+1,)``, ``coords (V, 3)``,
-  ``num_points (V,)``, ``points (N, 4)``; voxels are in canonical (linear index) order.
+  ``num_points (V,)``, ``points (N, 4)``; voxels are in canonical (linear index) order. Beside them
+  ``target_offsets (K+1,)``, ``target_points (T, 4)``: each frame's raw points inside the grid, at most
+  ``target_points_per_cell`` per BEV cell of the agent's frame (masked-reconstruction targets, CooPre).
 * ``samples-<k>.npz`` - up to ``shard_size`` samples: ids, the agent-frames as references into the
   frame stores with their ``pose_to_ego``, and ego-frame labels; ragged arrays as data + offsets
   (:func:`shard_arrays`).
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 
 # 2: track states are the label boxes' centres and yaws under tilt (z and pitch included), box yaw is the
 # direction of the pitched forward axis in the ego frame, and the ground-truth range rule is a setting.
-CACHE_FORMAT_VERSION = 2
+# 3: frame stores keep raw target points per BEV cell (target_points_per_cell) beside the capped voxels.
+CACHE_FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 AGENT_TYPE_NAMES = {"vehicle": VEHICLE, "infrastructure": INFRASTRUCTURE}
 _MANIFEST_KEYS = ("format_version", "config", "config_hash", "sample_ids", "shards", "frame_stores", "files", "label_fractions")
@@ -61,6 +64,7 @@ class CacheConfig:
     label_fractions: tuple[float, ...] = (0.2, 0.5, 1.0)
     seed: int = 0
     gt_range_rule: str = DEFAULT_RULE  # which boxes are ground truth (labels.GT_RANGE_RULES); the tables report it
+    target_points_per_cell: int = 64  # raw points kept per BEV cell for reconstruction targets (0: none)
 
     def __post_init__(self):
         if self.history < 1 or self.future < 0:
@@ -72,6 +76,8 @@ class CacheConfig:
             raise ValueError(f"ego_types must be a non-empty subset of {sorted(AGENT_TYPE_NAMES)}, got {self.ego_types}")
         if any(not 0 < f <= 1 for f in self.label_fractions):
             raise ValueError(f"label fractions must lie in (0, 1], got {self.label_fractions}")
+        if self.target_points_per_cell < 0:
+            raise ValueError(f"target_points_per_cell must be >= 0, got {self.target_points_per_cell}")
         if self.gt_range_rule not in GT_RANGE_RULES:
             raise ValueError(f"gt_range_rule must be one of {list(GT_RANGE_RULES)}, got {self.gt_range_rule!r}")
 
