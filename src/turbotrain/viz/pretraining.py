@@ -42,7 +42,7 @@ class MaskingView:
     masked_cells: np.ndarray  # (C, 2) int row, col of masked cells
     real: list[np.ndarray]  # per masked cell, (n_c, 2) xy of its target points
     reconstructed: list[np.ndarray]  # per masked cell, (K, 2) xy of its predicted points
-    chamfer: float  # mean Chamfer distance over the cells shown (m^2), nan if none
+    chamfer: float  # mean squared-L2 Chamfer over the cells shown (m^2; a diagnostic, not pretrain.chamfer), nan if none
     nonempty_cells: int  # non-empty cells of this sample at the present step
 
 
@@ -109,7 +109,7 @@ def plot_masking(sample_or_batch: Sample | Batch, plan: MaskPlan, predicted: tor
     zoom.set_title("zoom (dashed box above); thin lines: BEV cells", fontsize=9)
     share = len(view.masked_cells) / max(view.nonempty_cells, 1)
     stats = (f"present step: {len(view.masked_cells)} of {view.nonempty_cells} non-empty cells masked ({share:.0%}), "
-             f"Chamfer {view.chamfer:.3f} m\u00b2")
+             f"Chamfer (squared L2, per cell) {view.chamfer:.3f} m\u00b2")
     overview.set_title(f"{title}\n{stats}" if title else stats, fontsize=11)
     _legend(overview)
     fig.tight_layout()
